@@ -359,6 +359,8 @@ class WanTransformer3D(nn.Module):
         if "gate_value" in cfg or "deltatime_type" in cfg:
             kwargs.setdefault("flow_map", True)
         kwargs.update(overrides)
+        if isinstance(kwargs.get("dtype"), str):
+            kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
         if "patch_size" in kwargs:
             kwargs["patch_size"] = tuple(int(p) for p in kwargs["patch_size"])
         model = cls(**kwargs)
