@@ -1,0 +1,85 @@
+"""Consistency-distillation baseline (not part of AnyFlow; the kind of method the paper compares with).
+
+Discrete-time consistency distillation (Song et al., 2023) of a flow-matching teacher, in the
+package's conventions. The consistency function is parameterised through the flow-map model with
+``r = 0``: ``f(z, t) = z - t * u(z, t, 0, c)`` (the x0 prediction), so ``f(z, 0) = z`` holds by
+construction. On the shifted M-step grid ``T_0 = 1 > ... > T_M = 0`` a sample picks an interval
+``(t, s) = (T_n, T_{n+1})``; the teacher takes one Euler ODE step ``z_s = z_t - (t - s) v(z_t, t)``
+and the student's prediction at ``(z_t, t)`` is pulled to the target network's prediction at
+``(z_s, s)``. Sampling: :func:`anyflow_jax.sampling.consistency_sample`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from anyflow_jax import schedule
+from anyflow_jax.losses import _common as C
+
+
+def consistency_loss(
+    apply_fn: C.ApplyFn,
+    params: Any,
+    target_params: Any,
+    teacher_apply: C.ApplyFn,
+    teacher_params: Any,
+    batch: Mapping[str, Any],
+    key: jax.Array,
+    *,
+    num_discretization_steps: int = 32,
+    shift: float = schedule.DEFAULT_SHIFT,
+    teacher_guidance_scale: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Discrete-time consistency-distillation loss against one teacher Euler ODE step.
+
+    batch: ``x0`` (B, F, ...), ``context``, ``neg_context`` (needed when
+    ``teacher_guidance_scale > 1``); optional ``eps`` (noise) and ``n`` (B,) int interval indices.
+    ``params`` is trained; ``target_params`` (e.g. an EMA of ``params``) gives the stop-gradient
+    target. Loss = batch mean of the per-sample mean of ``(f_params(z_t, t) - sg(f_target(z_s, s)))^2``
+    with ``f(z, t) = z - t u(z, t, 0)``; the teacher velocity is ``teacher_apply(p, z, t, t, c)``
+    (with CFG ``v_u + g (v_c - v_u)`` when ``teacher_guidance_scale`` g > 1).
+    """
+    batch = C.check_batch(batch, ("x0",))
+    x0 = C.check_latents(batch["x0"], "batch['x0']")
+    b, f = x0.shape[:2]
+    context, neg_context = batch.get("context"), batch.get("neg_context")
+    if context is not None:
+        C.check_context(context, b, "batch['context']")
+    if not isinstance(num_discretization_steps, int) or num_discretization_steps < 1:
+        raise ValueError(f"num_discretization_steps must be an int >= 1 (N >= 1), got {num_discretization_steps!r}")
+    g = C.check_guidance(teacher_guidance_scale, "teacher_guidance_scale")
+    if g != 1.0 and (neg_context is None or context is None):
+        raise ValueError(f"teacher_guidance_scale={g} needs batch['context'] and batch['neg_context']")
+
+    k_eps, k_n = jax.random.split(key)
+    eps = C.standard_normal(k_eps, x0)
+    if batch.get("eps") is not None:
+        C.check_same_shape(x0, batch["eps"], "batch['x0']", "batch['eps']")
+        eps = jnp.asarray(batch["eps"], x0.dtype)
+    if batch.get("n") is not None:
+        if tuple(jnp.shape(batch["n"])) != (b,):
+            raise ValueError(f"batch['n'] must have shape (B,) = ({b},), got {tuple(jnp.shape(batch['n']))}")
+        n = jnp.asarray(batch["n"], jnp.int32)
+    else:
+        n = jax.random.randint(k_n, (b,), 0, num_discretization_steps)
+    grid = schedule.step_grid(num_discretization_steps, shift)
+    t = C.frames_time(grid[n], f)
+    s = C.frames_time(grid[n + 1], f)
+
+    z_t = schedule.add_noise(x0, eps, t)
+    v = C.call_model(teacher_apply, teacher_params, z_t, t, t, context, "teacher_apply")
+    if g != 1.0:
+        neg_b = C.broadcast_negative(neg_context, context, b)
+        v_u = C.call_model(teacher_apply, teacher_params, z_t, t, t, neg_b, "teacher_apply")
+        v = v_u + g * (v - v_u)
+    z_s = jax.lax.stop_gradient(schedule.flow_map_step(z_t, v, t, s))
+
+    zero = jnp.zeros_like(t)
+    pred = schedule.flow_map_step(z_t, C.call_model(apply_fn, params, z_t, t, zero, context), t, zero)
+    u_tgt = C.call_model(apply_fn, jax.lax.stop_gradient(target_params), z_s, s, zero, context)
+    target = jax.lax.stop_gradient(schedule.flow_map_step(z_s, u_tgt, s, zero))
+    per_sample = C.per_sample_mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+    loss = jnp.mean(per_sample)
+    return loss, {"loss": loss, "t_mean": jnp.mean(t)}

@@ -1,0 +1,117 @@
+"""anyflow_jax.sampling: the any-step flow-map sampler, the teacher ODE sampler."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from anyflow_jax import sampling
+from flowmap_testlib import GAUSS, MIXTURE, exact_apply
+
+GRID4 = [1.0, 0.9375, 0.8333333, 0.625, 0.0]  # reference N=4 grid with shift 5 (/1000)
+
+
+def _toy(params, z, t, r, context):
+    out = jnp.sin(z) + 2.0 * t[..., None] - 3.0 * r[..., None] * z
+    if context is not None:
+        out = out + context[:, None, :]
+    return out
+
+
+def _np_toy(z, t, r, ctx=None):
+    out = np.sin(z) + 2.0 * t - 3.0 * r * z
+    return out if ctx is None else out + ctx[:, None, :]
+
+
+@pytest.mark.parametrize("data, dim", [(GAUSS, 3), (MIXTURE, 2)], ids=["gaussian", "mixture"])
+def test_exact_flow_map_gives_the_same_sample_at_every_step_count(data, dim):
+    noise = jax.random.normal(jax.random.key(0), (8, 2, dim))
+    ref = data.flow_map(noise, jnp.ones((8, 2)), jnp.zeros((8, 2)))
+    for n in (1, 2, 4, 8, 32):
+        out = sampling.sample(exact_apply(data), None, noise, num_steps=n)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=5e-5, err_msg=f"N={n}")
+
+
+def test_sampler_follows_the_reference_grid():
+    noise = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    out = sampling.sample(_toy, None, noise, num_steps=4)
+    z = np.asarray(noise, np.float64)
+    for t, r in zip(GRID4[:-1], GRID4[1:]):
+        z = z - (t - r) * _np_toy(z, t, r)
+    np.testing.assert_allclose(np.asarray(out), z, rtol=2e-5, atol=2e-5)
+    # a custom grid is used as given
+    out = sampling.sample(_toy, None, noise, timesteps=[1.0, 0.5, 0.0])
+    z = np.asarray(noise, np.float64)
+    for t, r in ((1.0, 0.5), (0.5, 0.0)):
+        z = z - (t - r) * _np_toy(z, t, r)
+    np.testing.assert_allclose(np.asarray(out), z, rtol=2e-5, atol=2e-5)
+
+
+def test_classifier_free_guidance():
+    b, f, d = 3, 2, 4
+    noise = jax.random.normal(jax.random.key(2), (b, f, d))
+    ctx = jax.random.normal(jax.random.key(3), (b, d))
+    neg = jax.random.normal(jax.random.key(4), (1, d))
+    g = 2.5
+    out = jax.jit(lambda z: sampling.sample(_toy, None, z, ctx, num_steps=4, guidance_scale=g, neg_context=neg))(noise)
+    z = np.asarray(noise, np.float64)
+    c, n = np.asarray(ctx, np.float64), np.broadcast_to(np.asarray(neg, np.float64), (b, d))
+    for t, r in zip(GRID4[:-1], GRID4[1:]):
+        u_c, u_u = _np_toy(z, t, r, c), _np_toy(z, t, r, n)
+        z = z - (t - r) * (u_u + g * (u_c - u_u))
+    np.testing.assert_allclose(np.asarray(out), z, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        sampling.sample(_toy, None, noise, ctx, guidance_scale=0.5, neg_context=neg)
+
+
+def test_context_frames_are_held_clean_with_zero_times():
+    """Frames coupled through the model: the model sees the clean context with t = r = 0 on the
+    first Fc frames; the context frames come out unchanged."""
+
+    def coupled(params, z, t, r, context):
+        mix = jnp.mean(z * (1.0 + t[..., None] + r[..., None]), axis=1, keepdims=True)
+        return jnp.sin(z) + mix + 2.0 * t[..., None] - r[..., None]
+
+    b, f, fc, d = 2, 4, 1, 3
+    noise = jax.random.normal(jax.random.key(5), (b, f, d))
+    ctx_lat = jax.random.normal(jax.random.key(6), (b, fc, d))
+    out = sampling.sample(coupled, None, noise, num_steps=4, context_latents=ctx_lat)
+    np.testing.assert_array_equal(np.asarray(out[:, :fc]), np.asarray(ctx_lat))
+    z = np.asarray(noise, np.float64)
+    for t_i, r_i in zip(GRID4[:-1], GRID4[1:]):
+        z[:, :fc] = np.asarray(ctx_lat, np.float64)
+        t = np.full((b, f, 1), t_i)
+        r = np.full((b, f, 1), r_i)
+        t[:, :fc], r[:, :fc] = 0.0, 0.0
+        mix = np.mean(z * (1 + t + r), axis=1, keepdims=True)
+        z = z - (t - r) * (np.sin(z) + mix + 2 * t - r)
+    np.testing.assert_allclose(np.asarray(out[:, fc:]), z[:, fc:], rtol=2e-5, atol=2e-5)
+
+
+def test_ode_sampler_calls_the_model_with_r_equal_t_and_converges():
+    noise = jax.random.normal(jax.random.key(7), (2, 3, 4))
+    out = sampling.ode_sample(_toy, None, noise, num_steps=4)
+    z = np.asarray(noise, np.float64)
+    for t, r in zip(GRID4[:-1], GRID4[1:]):
+        z = z - (t - r) * _np_toy(z, t, t)  # the velocity at (z, t), r = t
+    np.testing.assert_allclose(np.asarray(out), z, rtol=2e-5, atol=2e-5)
+    # Euler on the exact Gaussian velocity converges (first order) to the exact flow map
+    noise = jax.random.normal(jax.random.key(8), (64, 1, 3))
+    exact = GAUSS.flow_map(noise, jnp.ones((64, 1)), jnp.zeros((64, 1)))
+    velocity = lambda p, z_, t_, r_, c: GAUSS.velocity(z_, t_)
+    err = {n: float(jnp.max(jnp.abs(sampling.ode_sample(velocity, None, noise, num_steps=n) - exact)))
+           for n in (25, 100)}
+    assert err[100] < 0.1 and 3.0 < err[25] / err[100] < 5.0, err  # first order: x4 steps, /4 error
+
+
+def test_sampler_input_errors():
+    noise = jnp.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match="num_steps"):
+        sampling.sample(_toy, None, noise, num_steps=0)
+    with pytest.raises(ValueError, match="t < r"):
+        sampling.sample(_toy, None, noise, timesteps=[1.0, 0.2, 0.5, 0.0])
+    with pytest.raises(ValueError, match="context_latents"):
+        sampling.sample(_toy, None, noise, context_latents=jnp.zeros((2, 5, 4)))
+    with pytest.raises(ValueError, match="apply_fn"):
+        sampling.sample(lambda p, z, t, r, c: z[..., :2], None, noise)
+    with pytest.raises(ValueError, match="neg_context"):
+        jax.jit(lambda z: sampling.sample(_toy, None, z, jnp.zeros((2, 4)), guidance_scale=2.0)).lower(noise)
