@@ -1,0 +1,1 @@
+"""Training: train state, per-stage steps, the loop, optimiser, EMA."""
