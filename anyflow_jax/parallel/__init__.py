@@ -37,21 +37,34 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh with Auto axis types. One size may be -1 (the rest)."""
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int, *,
+                       allow_subset: bool = False) -> tuple[int, int, int]:
+    """Mesh sizes for ``num_devices``; one size may be -1 (the rest). With ``allow_subset`` a
+    fully specified mesh may use fewer devices than there are (single-process runs only)."""
+    sizes = [int(data), int(fsdp), int(tensor)]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive or -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh data={data}, fsdp={fsdp}, tensor={tensor}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} "
-                         f"devices, have {len(devices)}")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices cannot be split into mesh data={data}, fsdp={fsdp}, tensor={tensor}")
+        sizes[sizes.index(-1)] = num_devices // known
+    n = math.prod(sizes)
+    if n > num_devices or (n < num_devices and not allow_subset):
+        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {n} "
+                         f"devices, have {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
+              *, allow_subset: bool = False) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh with Auto axis types. One size may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(data, fsdp, tensor, len(devices), allow_subset=allow_subset)
+    devices = devices[:math.prod(sizes)]
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def _rules_dict(rules) -> dict[str, Any]:
