@@ -44,7 +44,11 @@ def main(argv):
     from anyflow_jax.training.checkpointing import RunError
     from anyflow_jax.training.loop import NonFiniteLoss, train
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        last = train(_CONFIG.value, _WORKDIR.value)
+        if last:
+            loss = last.get("loss", last.get("critic/loss"))
+            print(f"process {jax.process_index()}/{jax.process_count()}: finished at step {last.get('step')} "
+                  f"with loss {loss!r}", flush=True)
     except (RunError, NonFiniteLoss, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -425,7 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 scalars["step_time_sec"] = time.perf_counter() - t_step
                 scalars.update(progress.summary(step))
                 writer.write_scalars(step, scalars)
-                last = scalars
+                last = dict(scalars, step=step)
             if step % ckpt_every == 0 or step == total or sig.received:
                 ckpt.save(state, data_it)
             if sig.received:

@@ -1,0 +1,329 @@
+"""The training CLI and loop: every stage on tiny toy settings, exact resume (in process, after
+SIGKILL and after SIGTERM), mesh and device-count independence, two-process jax.distributed,
+and clear errors on bad input."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from anyflow_jax.defaults import toy_config
+from anyflow_jax.training import checkpointing, loop, stages
+from anyflow_jax.training.checkpointing import RunError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_MODEL = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, freq_dim=32)
+TINY_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()] + [
+    "--config.data.global_batch_size=8", "--config.data.num_frames=4", "--config.train.tensorboard=False",
+    "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1", "--config.train.log_every=1",
+    "--config.train.async_checkpointing=False"]
+
+
+def tiny(stage, steps=6, **train):
+    c = toy_config(stage)
+    c.model.update(TINY_MODEL)
+    c.data.update(dict(global_batch_size=8, num_frames=4))
+    c.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    c.train.update(dict(steps=steps, log_every=1, checkpoint_every=3, tensorboard=False, async_checkpointing=False))
+    c.train.update(train)
+    if stage == "on_policy":
+        c.loss.steps_list = [2, 4]
+        c.critic_loss.steps_list = [2, 4]
+    return c
+
+
+def metrics(workdir):
+    rows = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        for line in fh:
+            row = json.loads(line)
+            rows[row["step"]] = row  # the last record of a step wins (a resume may repeat steps)
+    return [rows[k] for k in sorted(rows)]
+
+
+def restore_item(workdir, step, item):
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), item))
+
+
+def assert_trees_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb) and la
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("teacher"))
+    cfg = tiny("teacher", steps=40, checkpoint_every=20)
+    cfg.optim.update(dict(lr=2e-3, warmup_steps=5))
+    loop.train(cfg, wd)
+    return wd
+
+
+# ------------------------------------------------------------------------------ stages
+def test_toy_teacher_loss_falls(teacher_run):
+    rows = metrics(teacher_run)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first = np.mean([r["loss"] for r in rows[:8]])
+    last = np.mean([r["loss"] for r in rows[-8:]])
+    assert last < 0.75 * first, (first, last)
+    assert checkpointing.RunCheckpointer(teacher_run, read_only=True).all_steps() == [20, 40]
+    meta = checkpointing.read_run_file(teacher_run)
+    assert meta["stage"] == "teacher" and meta["model"]["num_layers"] == 2
+
+
+def test_flow_map_starts_from_the_teacher_ema_and_runs(teacher_run, tmp_path):
+    cfg = tiny("flow_map", steps=4)
+    cfg.init.student = teacher_run
+    student, params, *_ = loop.build_networks(cfg)
+    ema = restore_item(teacher_run, 40, "ema_params")
+    assert student.flow_map
+    assert_trees_equal(params["condition_embedder"]["delta_embedder"], ema["condition_embedder"]["time_embedder"])
+    assert_trees_equal(params["blocks"], ema["blocks"])
+    last = loop.train(cfg, str(tmp_path))
+    assert last["step"] == 4 and np.isfinite(last["loss"])
+    assert {"loss_diffusion", "loss_consistency", "loss_general", "grad_norm", "lr"} <= set(last)
+
+
+def test_on_policy_and_consistency_run_from_previous_stages(teacher_run, tmp_path):
+    fm = str(tmp_path / "flow_map")
+    cfg = tiny("flow_map", steps=3)
+    cfg.init.student = teacher_run
+    loop.train(cfg, fm)
+
+    cfg = tiny("on_policy", steps=3)
+    cfg.init.student, cfg.init.teacher = fm, teacher_run
+    last = loop.train(cfg, str(tmp_path / "on_policy"))
+    assert last["step"] == 3
+    for key in ("loss", "dmd/loss", "forward/loss", "critic/loss", "critic/grad_norm"):
+        assert np.isfinite(last[key]), key
+    for row in metrics(str(tmp_path / "on_policy")):
+        assert row["rollout/num_steps"] in (2, 4) and 0 <= row["rollout/grad_step"] < row["rollout/num_steps"]
+        assert 1 <= row["rollout/nfe"] <= 3
+    critic = restore_item(str(tmp_path / "on_policy"), 3, "critic_params")
+    teacher = restore_item(teacher_run, 40, "ema_params")
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree_util.tree_leaves(critic), jax.tree_util.tree_leaves(teacher)))
+    assert moved > 0  # the critic started as the teacher and was trained
+
+    cfg = tiny("consistency", steps=3)
+    cfg.init.student = cfg.init.teacher = teacher_run
+    last = loop.train(cfg, str(tmp_path / "consistency"))
+    assert last["step"] == 3 and np.isfinite(last["loss"])
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_in_process_is_bit_exact(tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    loop.train(tiny("teacher", steps=6), straight)
+    loop.train(tiny("teacher", steps=3), split)
+    loop.train(tiny("teacher", steps=6), split)
+    for item in ("params", "opt_state", "ema_params", "meta"):
+        assert_trees_equal(restore_item(straight, 6, item), restore_item(split, 6, item))
+
+
+def _cli(workdir, steps, extra=(), **popen):
+    cmd = [sys.executable, "-m", "anyflow_jax.train", f"--config={ROOT}/configs/toy.py:teacher",
+           f"--workdir={workdir}", f"--config.train.steps={steps}", "--config.train.checkpoint_every=3", *TINY_FLAGS,
+           *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+def _wait_for(pred, proc, timeout=180):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def _steps_logged(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as fh:
+        return sum(1 for _ in fh)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
+    ref, killed, termed = (str(tmp_path / n) for n in ("ref", "killed", "termed"))
+    total = 20
+    p = _cli(ref, total)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out
+    assert "process 0/1: finished at step 20" in out
+
+    # SIGKILL right after the step-3 checkpoint is committed, then resume.
+    p = _cli(killed, total)
+    _wait_for(lambda: os.path.isdir(os.path.join(killed, "checkpoints", "3")), p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    latest = checkpointing.RunCheckpointer(killed, read_only=True).latest_step()
+    assert latest is not None and latest < total
+    p = _cli(killed, total)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out
+
+    # SIGTERM mid-run: the process saves the current step and exits cleanly; then resume.
+    p = _cli(termed, total)
+    _wait_for(lambda: _steps_logged(termed) >= 2, p)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    stopped = checkpointing.RunCheckpointer(termed, read_only=True).latest_step()
+    assert 2 <= stopped < total, stopped
+    assert "stopped by SIGTERM" in out
+    p = _cli(termed, total)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out
+
+    for wd in (killed, termed):
+        for item in ("params", "opt_state", "ema_params", "meta"):
+            assert_trees_equal(restore_item(ref, total, item), restore_item(wd, total, item))
+
+
+# ------------------------------------------------------------------------------ meshes
+@pytest.mark.slow
+def test_mesh_2x2x2_matches_one_device_and_checkpoints_move_between_them(tmp_path):
+    def cfg(steps, mesh):
+        c = tiny("teacher", steps=steps, checkpoint_every=3)
+        c.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh)))
+        return c
+
+    one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
+    loop.train(cfg(6, (1, 1, 1)), one)
+    loop.train(cfg(3, (2, 2, 2)), eight)
+    loss_one = [r["loss"] for r in metrics(one)]
+    loss_eight = [r["loss"] for r in metrics(eight)]
+    np.testing.assert_allclose(loss_eight, loss_one[:3], rtol=2e-4)
+    # saved on 8 devices, resumed on 1
+    loop.train(cfg(6, (1, 1, 1)), eight)
+    np.testing.assert_allclose([r["loss"] for r in metrics(eight)], loss_one, rtol=2e-4)
+    # saved on 1 device, resumed on 8
+    one_to_eight = str(tmp_path / "one_to_eight")
+    loop.train(cfg(3, (1, 1, 1)), one_to_eight)
+    loop.train(cfg(6, (2, 2, 2)), one_to_eight)
+    np.testing.assert_allclose([r["loss"] for r in metrics(one_to_eight)], loss_one, rtol=2e-4)
+    a, b = restore_item(one, 6, "params"), restore_item(one_to_eight, 6, "params")
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ multi-process
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed(tmp_path):
+    port = _free_port()
+    wd = str(tmp_path / "mp")
+    procs = [
+        _cli(wd, 4, extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                           "--config.mesh.fsdp=-1"])
+        for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    finals = []
+    for i, out in enumerate(outs):
+        line = [ln for ln in out.splitlines() if ln.startswith(f"process {i}/2: finished at step 4")]
+        assert line, out
+        finals.append(float(line[0].rsplit(" ", 1)[1]))
+    assert np.isfinite(finals[0]) and finals[0] == finals[1]
+    assert checkpointing.RunCheckpointer(wd, read_only=True).latest_step() == 4
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_inputs_fail_clearly(tmp_path, teacher_run):
+    c = tiny("teacher")
+    c.stage = "distill"
+    with pytest.raises(ValueError, match="config.stage='distill'"):
+        loop.train(c, str(tmp_path / "a"))
+
+    c = tiny("flow_map")
+    c.init.student = str(tmp_path / "nowhere")
+    with pytest.raises(RunError, match="no such checkpoint"):
+        loop.train(c, str(tmp_path / "b"))
+    c.init.student = str(tmp_path)
+    with pytest.raises(RunError, match="not a starting checkpoint"):
+        loop.train(c, str(tmp_path / "b"))
+
+    c = tiny("teacher")
+    c.data.global_batch_size = 6
+    c.mesh.update(dict(data=2, fsdp=2, tensor=1))
+    with pytest.raises(RunError, match="global_batch_size=6 is not divisible by the data axes"):
+        loop.train(c, str(tmp_path / "c"))
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RunError, match="not writable"):
+        loop.train(tiny("teacher"), str(blocker / "workdir"))
+
+    # resuming a workdir with a different architecture
+    c = tiny("teacher", steps=40)
+    c.model.num_layers = 3
+    with pytest.raises(RunError, match="incompatible checkpoint.*num_layers"):
+        loop.train(c, teacher_run)
+    # a consistency run pointed at a flow-map student as its teacher
+    fm = str(tmp_path / "fm")
+    c = tiny("flow_map", steps=1, checkpoint_every=1)
+    c.init.student = teacher_run
+    loop.train(c, fm)
+    c = tiny("consistency")
+    c.init.student, c.init.teacher = teacher_run, fm
+    with pytest.raises(RunError, match="config.init.teacher is a flow-map student"):
+        loop.train(c, str(tmp_path / "d"))
+    c = tiny("flow_map")
+    c.loss.bogus = 1
+    with pytest.raises(ValueError, match=r"config.loss has options \['bogus'\]"):
+        loop.train(c, str(tmp_path / "e"))
+
+
+def test_cli_reports_errors_in_one_line(tmp_path):
+    p = _cli(str(tmp_path / "w"), 2, extra=["--config.stage=bogus"])
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 2
+    assert "error: config.stage='bogus' is not a known stage" in out
+    assert "Traceback" not in out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = stages.make_generator_step
+
+    def poisoned(spec):
+        step_fn = original(spec)
+
+        def step(state, frozen, batch):
+            new, m = step_fn(state, frozen, batch)
+            m = dict(m)
+            m["loss"] = jnp.where(state.step == 4, jnp.nan, m["loss"])
+            return new, m
+        return step
+
+    monkeypatch.setattr(stages, "make_generator_step", poisoned)
+    wd = str(tmp_path / "nan")
+    with pytest.raises(loop.NonFiniteLoss, match=r"non-finite loss \(nan\) at step 5.*last good checkpoint is step 3"):
+        loop.train(tiny("teacher", steps=8, checkpoint_every=3), wd)
+    ck = checkpointing.RunCheckpointer(wd, read_only=True)
+    assert ck.all_steps() == [3]
+    params = restore_item(wd, 3, "params")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
