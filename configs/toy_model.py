@@ -1,8 +1,8 @@
-"""The embedded default toy Wan DiT (moving digits, CPU-sized).
+"""The embedded default toy Wan DiT alone (moving digits, CPU-sized).
 
-Run: python -m anyflow_jax.demo   (a forward-pass tour of this model; training configs for every
-stage arrive with `python -m anyflow_jax.train`).
-Needs: nothing (random weights).
+Run: python -m anyflow_jax.demo   (a forward-pass tour of this model: export to diffusers format,
+load as teacher and as flow-map student, check the diagonal r = t, take a few flow-map jumps).
+Needs: nothing (random weights). Training configs for every stage: configs/toy.py.
 """
 from anyflow_jax.defaults import toy_model_config
 
