@@ -1,0 +1,482 @@
+"""Any-step sampling CLI: ``python -m anyflow_jax.sample --checkpoint DIR --steps 1,2,4 --out DIR``.
+
+  python -m anyflow_jax.sample --checkpoint runs/toy/on_policy --steps 1,2,4,8,16,32 --out samples/anyflow
+  python -m anyflow_jax.sample --checkpoint runs/toy/teacher --steps 4,32 --class 0,3,7 --num-samples 2 --out samples/t
+  python -m anyflow_jax.sample --checkpoint ckpt/wan13b --kind flow_map --prompt-embedding cat.npy \\
+      --negative-embedding neg.npy --video-shape 21,60,104,16 --format npy --steps 1,4 --out samples/cat
+
+For every (condition, sample index, step count) it writes ``<out>/<cond>_s<i>_steps<n>.<fmt>``
+(e.g. ``class3_s0_steps4.mp4``) and a ``contact_sheet.png`` (rows: conditions, first sample;
+columns: step counts; each cell a strip of the video's frames). Sample ``i`` starts from the same
+noise (a function of ``--seed`` and ``i`` only) for every step count and every condition, so
+step counts are directly comparable.
+
+The sampler follows the checkpoint's kind (``anyflow_jax.inference``): ``teacher`` -> Euler ODE
+with CFG (guidance 3 by default), ``flow_map`` (AnyFlow stage 1 or 2) -> any-step flow-map jumps
+(guidance 1: CFG is distilled in), ``consistency`` -> multistep consistency sampling. All
+conditions (and samples) of one step count go through one batched ``Generator.sample`` call
+(``--batch-size`` splits it).
+
+Bad input (steps that are not positive integers, a missing or wrong-kind checkpoint, an
+unwritable output folder, an unknown class or format, ...) prints one ``error: ...`` line and
+exits with status 2 before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from anyflow_jax import video as vid
+
+NUM_CLASSES = 10
+SHEET_NAME = "contact_sheet.png"
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+# ------------------------------------------------------------------------------ library
+def initial_noise(seed: int, index: int, shape: Sequence[int]) -> np.ndarray:
+    """The initial noise of sample ``index`` for ``seed``: ``(F, H, W, C)`` float32, standard normal.
+
+    A pure function of ``(seed, index, shape)``: the same for every step count and condition."""
+    import jax
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), index)
+    return np.asarray(jax.random.normal(key, tuple(shape), np.float32))
+
+
+def renoise_key(seed: int):
+    """The key of the consistency sampler's re-noising for ``seed`` (one per batch call)."""
+    import jax
+    return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+def class_conditions(generator, classes: Sequence[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``({"class<c>": (L, D)}, negative (1, L, D))`` of a moving-digits run."""
+    table, neg = generator.conditioning()
+    out = {}
+    for c in classes:
+        if not 0 <= int(c) < table.shape[0]:
+            raise ValueError(f"class {c} is outside 0..{table.shape[0] - 1}")
+        out[f"class{int(c)}"] = np.asarray(table[int(c)])
+    return out, np.asarray(neg)
+
+
+def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str, Any], *, num_samples: int = 1,
+                  seed: int = 0, guidance: float | None = None, neg_context=None,
+                  video_shape: Sequence[int] | None = None, batch_size: int | None = None,
+                  output: str = "float", progress: Callable[[int, int], None] | None = None,
+                  ) -> dict[tuple[str, int, int], np.ndarray]:
+    """Generate every (condition, sample, step count) video.
+
+    ``conditions`` maps a name to a context ``(L, D)`` (or ``(1, L, D)``); sample ``i`` of every
+    condition and step count starts from :func:`initial_noise` ``(seed, i)``. One
+    ``generator.sample`` call per step count takes all conditions and samples (at most
+    ``batch_size`` per call when given). ``guidance`` defaults to the kind's default
+    (``inference.DEFAULT_GUIDANCE``); guidance > 1 needs ``neg_context`` ``(1, L, D)``.
+    ``video_shape`` ``(F, H, W, C)`` defaults to ``generator.video_shape()``. The consistency
+    sampler's re-noising uses one key per (seed, step count) call for the whole batch.
+
+    Returns ``{(name, i, steps): video}`` with ``video`` ``(F, H, W, C)``: float32 in the model's
+    range (``output="float"``) or mapped to uint8 (``output="uint8"``, see :func:`video.to_uint8`).
+    ``progress(done, steps)`` is called after each batch with the number of videos it made.
+    """
+    import jax.numpy as jnp
+    if output not in ("float", "uint8"):
+        raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+    steps_list = [_check_steps_value(s) for s in steps_list]
+    if not steps_list:
+        raise ValueError("steps_list is empty")
+    if not conditions:
+        raise ValueError("no conditions to sample")
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    shape = tuple(int(x) for x in (video_shape if video_shape is not None else generator.video_shape()))
+    names = list(conditions)
+    ctx = []
+    for n in names:
+        c = np.asarray(conditions[n], np.float32)
+        if c.ndim == 3 and c.shape[0] == 1:
+            c = c[0]
+        if c.ndim != 2:
+            raise ValueError(f"condition {n!r}: a context must be (L, D) or (1, L, D), got {c.shape}")
+        ctx.append(c)
+    if len({c.shape for c in ctx}) > 1:
+        raise ValueError(f"all contexts must have the same shape to be batched, got {sorted({c.shape for c in ctx})}")
+    if neg_context is not None:
+        neg_context = np.asarray(neg_context, np.float32)
+        if neg_context.ndim == 2:
+            neg_context = neg_context[None]
+        if neg_context.shape != (1,) + ctx[0].shape:
+            raise ValueError(f"the negative context must be (1, {ctx[0].shape[0]}, {ctx[0].shape[1]}) like the "
+                             f"conditions, got {neg_context.shape}")
+    noise = [initial_noise(seed, i, shape) for i in range(int(num_samples))]
+    jobs = [(n, k, i) for k, n in enumerate(names) for i in range(int(num_samples))]
+    size = len(jobs) if not batch_size else int(batch_size)
+    rng = renoise_key(seed)
+    out: dict[tuple[str, int, int], np.ndarray] = {}
+    for steps in steps_list:
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start:start + size]
+            z = jnp.asarray(np.stack([noise[i] for _, _, i in chunk]))
+            c = jnp.asarray(np.stack([ctx[k] for _, k, _ in chunk]))
+            x = generator.sample(z, c, steps, guidance=guidance, neg_context=neg_context, rng=rng)
+            x = np.asarray(x, np.float32)
+            for (n, _, i), v in zip(chunk, x):
+                out[(n, i, steps)] = vid.to_uint8(v) if output == "uint8" else v
+            if progress is not None:
+                progress(len(chunk), steps)
+    return out
+
+
+# ------------------------------------------------------------------------------ parsing
+def _check_steps_value(s) -> int:
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+        raise ValueError(f"steps must be positive integers, got {s!r}")
+    return int(s)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise UsageError(f"{what} must be a comma-separated list of integers, got {text!r}")
+    out = []
+    for t in items:
+        if not re.fullmatch(r"[+-]?\d+", t):
+            raise UsageError(f"{what} must be integers, got {t!r} in {text!r}")
+        v = int(t)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def parse_steps(text: str) -> list[int]:
+    steps = _int_list(text, "--steps")
+    bad = [s for s in steps if s < 1]
+    if bad:
+        raise UsageError(f"--steps must be positive (>= 1), got {bad[0]} in {text!r}")
+    return steps
+
+
+def parse_classes(text: str) -> list[int]:
+    classes = _int_list(text, "--class")
+    bad = [c for c in classes if not 0 <= c < NUM_CLASSES]
+    if bad:
+        raise UsageError(f"--class {bad[0]} is outside 0..{NUM_CLASSES - 1}")
+    return classes
+
+
+def parse_formats(text: str) -> list[str]:
+    out = []
+    for t in (t.strip().lower() for t in text.split(",")):
+        if t not in vid.FORMATS:
+            raise UsageError(f"unknown --format {t!r}; expected a comma-separated subset of {','.join(vid.FORMATS)}")
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def parse_video_shape(text: str) -> tuple[int, int, int, int]:
+    shape = [t.strip() for t in text.split(",")]
+    if len(shape) != 4 or not all(re.fullmatch(r"\d+", t) for t in shape) or min(int(t) for t in shape) < 1:
+        raise UsageError(f"--video-shape must be four positive integers F,H,W,C, got {text!r}")
+    return tuple(int(t) for t in shape)
+
+
+def check_output_dir(out: str) -> None:
+    """Fail unless ``out`` is (or can be created as) a writable folder; creates nothing."""
+    path = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"output folder {out} is not writable: it exists and is not a folder")
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise UsageError(f"output folder {out} is not writable: {e.strerror or e}") from None
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"output folder {out} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {out} cannot be created: {parent} is not writable")
+
+
+def _load_embedding(path: str, what: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path} does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what} {path} is not a readable .npy file: {e}") from None
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating) or min(arr.shape) < 1:
+        raise UsageError(f"{what} {path} must be a float array of shape (L, D) or (1, L, D), "
+                         f"got {arr.dtype} {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise UsageError(f"{what} {path} has non-finite values")
+    return arr.astype(np.float32)
+
+
+def _condition_name(path: str, taken: set) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(path))[0]).strip("._") or "prompt"
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m anyflow_jax.sample",
+                description="Sample videos from a teacher, AnyFlow flow-map or consistency checkpoint at any "
+                            "step counts; writes one file per (condition, sample, step count) and format plus "
+                            "a contact sheet comparing the step counts.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="training workdir, Orbax model checkpoint or diffusers transformer folder")
+    p.add_argument("--steps", required=True, metavar="N,N,...", help="step counts, e.g. 1,2,4,8,16,32")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--class", dest="classes", metavar="C,C,...",
+                      help="digit classes of a moving-digits run (default: all, 0..9)")
+    cond.add_argument("--prompt-embedding", action="append", metavar="FILE.npy",
+                      help="a text embedding (L, D) or (1, L, D); repeat for several prompts")
+    p.add_argument("--negative-embedding", metavar="FILE.npy",
+                   help="negative-prompt embedding (L, D) or (1, L, D) for guidance > 1 (default: the one the "
+                        "run trained with, when known)")
+    p.add_argument("--video-shape", metavar="F,H,W,C", help="video (latent) shape; default: the run's")
+    p.add_argument("--num-samples", type=int, default=1, metavar="K", help="samples per condition (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="CFG scale (default: 3 for a teacher, 1 for flow-map and consistency models)")
+    p.add_argument("--kind", choices=("teacher", "flow_map", "consistency"),
+                   help="expected checkpoint kind (checked; needed for a consistency model outside a workdir)")
+    p.add_argument("--format", default="mp4,gif", metavar="FMT,...",
+                   help="comma-separated subset of mp4,gif,npy (default mp4,gif)")
+    p.add_argument("--scale", type=int, default=8, help="integer nearest-neighbour upscaling (default 8)")
+    p.add_argument("--fps", type=float, default=8.0, help="frames per second (default 8)")
+    p.add_argument("--sheet-scale", type=int, default=None, metavar="S",
+                   help="upscaling of the contact-sheet frames (default: --scale, at most 4)")
+    p.add_argument("--sheet-frames", type=int, default=8, metavar="N",
+                   help="at most N evenly spaced frames per contact-sheet cell (default 8)")
+    p.add_argument("--batch-size", type=int, default=0, metavar="B",
+                   help="videos per model call (default 0: all conditions and samples of a step count at once)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    return p
+
+
+def _validate(args) -> dict:
+    opts = dict(steps=parse_steps(args.steps), formats=parse_formats(args.format))
+    for name, value, low in (("--num-samples", args.num_samples, 1), ("--scale", args.scale, 1),
+                             ("--sheet-frames", args.sheet_frames, 1), ("--batch-size", args.batch_size, 0),
+                             ("--sheet-scale", 1 if args.sheet_scale is None else args.sheet_scale, 1),
+                             ("--seed", args.seed, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be >= {low}, got {value}")
+    if not math.isfinite(args.fps) or args.fps <= 0:
+        raise UsageError(f"--fps must be positive, got {args.fps}")
+    if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 1):
+        raise UsageError(f"--guidance must be >= 1, got {args.guidance}")
+    opts["sheet_scale"] = min(args.scale, 4) if args.sheet_scale is None else args.sheet_scale
+    opts["classes"] = parse_classes(args.classes) if args.classes is not None else None
+    opts["video_shape"] = parse_video_shape(args.video_shape) if args.video_shape else None
+    opts["prompts"] = None
+    if args.prompt_embedding:
+        taken: set = set()
+        opts["prompts"] = {_condition_name(f, taken): _load_embedding(f, "--prompt-embedding")
+                           for f in args.prompt_embedding}
+    opts["negative"] = _load_embedding(args.negative_embedding, "--negative-embedding") \
+        if args.negative_embedding else None
+    check_output_dir(args.out)
+    return opts
+
+
+def _run_negative(gen):
+    """The negative embedding the run trained with, when known (moving digits, or the
+    ``data.negative_embedding`` file of an array_record run); else None."""
+    try:
+        return gen.conditioning()[1]
+    except ValueError:
+        pass
+    path = gen.data.get("negative_embedding") if isinstance(gen.data, dict) else None
+    if path and os.path.isfile(path):
+        return _load_embedding(path, "the run's data.negative_embedding")[None]
+    return None
+
+
+def _resolve(gen, args, opts):
+    """(conditions, row labels, negative, video shape, guidance) for a loaded generator."""
+    from anyflow_jax.inference import DEFAULT_GUIDANCE
+    model = gen.model
+    if opts["prompts"] is not None:
+        conditions = opts["prompts"]
+        labels = list(conditions)
+        neg = opts["negative"]
+        if neg is None:
+            neg = _run_negative(gen)
+    else:
+        try:
+            conditions, neg = class_conditions(gen, opts["classes"] if opts["classes"] is not None
+                                               else range(NUM_CLASSES))
+        except ValueError as e:
+            raise UsageError(f"{e} (use --prompt-embedding with --video-shape)") from None
+        labels = [f"class {n[5:]}" for n in conditions]
+        if opts["negative"] is not None:
+            neg = opts["negative"]
+    shapes = {np.asarray(c).shape for c in conditions.values()}
+    if len(shapes) > 1:
+        raise UsageError(f"the prompt embeddings have different shapes {sorted(shapes)}; they must match to be batched")
+    (length, dim), = shapes
+    if dim != model.text_dim:
+        raise UsageError(f"the prompt embeddings have width {dim}; the model expects text_dim={model.text_dim}")
+    if neg is not None:
+        neg = np.asarray(neg, np.float32).reshape((1,) + np.asarray(neg).shape[-2:])
+        if neg.shape != (1, length, dim):
+            raise UsageError(f"the negative embedding has shape {neg.shape[1:]}; the prompts have {(length, dim)} "
+                             f"(pass a matching --negative-embedding)")
+
+    if opts["video_shape"] is not None:
+        shape = opts["video_shape"]
+    else:
+        try:
+            shape = gen.video_shape()
+        except ValueError:
+            raise UsageError(f"{gen.path}: the video shape is unknown for this checkpoint; pass --video-shape "
+                             f"F,H,W,C") from None
+    if shape[3] != model.in_channels:
+        raise UsageError(f"--video-shape has {shape[3]} channels; the model expects in_channels={model.in_channels}")
+    pt, ph, pw = model.patch_size
+    if shape[0] % pt or shape[1] % ph or shape[2] % pw:
+        raise UsageError(f"video shape {shape} is not divisible by the model's patch size {tuple(model.patch_size)} "
+                         f"in (F, H, W)")
+
+    guidance = DEFAULT_GUIDANCE[gen.kind] if args.guidance is None else float(args.guidance)
+    if gen.kind == "consistency" and guidance != 1.0:
+        raise UsageError(f"the consistency sampler has no classifier-free guidance; use --guidance 1, got {guidance:g}")
+    if guidance != 1.0 and neg is None:
+        raise UsageError(f"guidance {guidance:g} needs a negative embedding (--negative-embedding FILE.npy) "
+                         f"or --guidance 1")
+    image_formats = [f for f in opts["formats"] if f in vid.IMAGE_FORMATS]
+    if image_formats and shape[3] not in (1, 3):
+        raise UsageError(f"--format {','.join(image_formats)} needs 1 or 3 channels, the samples have {shape[3]} "
+                         f"(latents need a VAE decoder); use --format npy")
+    return conditions, labels, neg, tuple(shape), guidance
+
+
+def _steps_label(s: int) -> str:
+    return f"{s} step" if s == 1 else f"{s} steps"
+
+
+def _write_all(out_dir, videos, conditions, labels, args, opts, shape, gen) -> list[str]:
+    """Write every file; returns their paths. On failure removes what it wrote."""
+    written: list[str] = []
+    created = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for (name, i, steps), v in videos.items():
+            base = os.path.join(out_dir, f"{name}_s{i}_steps{steps}")
+            if "npy" in opts["formats"]:
+                vid.write_npy(base + ".npy", v)
+                written.append(base + ".npy")
+            if any(f in vid.IMAGE_FORMATS for f in opts["formats"]):
+                u = vid.upscale(vid.to_uint8(v), args.scale)
+                for fmt, writer in (("mp4", vid.write_mp4), ("gif", vid.write_gif)):
+                    if fmt in opts["formats"]:
+                        writer(base + "." + fmt, u, fps=args.fps)
+                        written.append(base + "." + fmt)
+        if shape[3] in (1, 3):
+            sheet_scale = opts["sheet_scale"]
+            uint8 = {(n, s): vid.upscale(vid.to_uint8(videos[(n, 0, s)]), sheet_scale)
+                     for n in conditions for s in opts["steps"]}
+            rows = [(label, [uint8[(n, s)] for s in opts["steps"]]) for n, label in zip(conditions, labels)]
+            sheet = vid.contact_sheet(rows, [_steps_label(s) for s in opts["steps"]],
+                                      max_frames=args.sheet_frames, corner=gen.kind)
+            path = os.path.join(out_dir, SHEET_NAME)
+            vid.write_png(path, sheet)
+            written.append(path)
+    except BaseException:
+        for p in written:
+            if os.path.exists(p):
+                os.remove(p)
+        if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+    return written
+
+
+def run(args) -> str:
+    """Validate, load, sample and write; returns the summary line. Raises UsageError / ValueError."""
+    opts = _validate(args)  # cheap checks first: nothing is imported, loaded or written before them
+
+    from tqdm import tqdm
+
+    from anyflow_jax.inference import load_generator
+    try:
+        gen = load_generator(args.checkpoint, kind=args.kind)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    conditions, labels, neg, shape, guidance = _resolve(gen, args, opts)
+
+    total = len(conditions) * args.num_samples * len(opts["steps"])
+    with tqdm(total=total, unit="video", desc=f"sampling ({gen.kind})", dynamic_ncols=True) as bar:
+        def progress(n, steps):
+            bar.set_postfix_str(f"{steps} steps")
+            bar.update(n)
+
+        videos = sample_videos(gen, opts["steps"], conditions, num_samples=args.num_samples, seed=args.seed,
+                               guidance=guidance, neg_context=neg, video_shape=shape,
+                               batch_size=args.batch_size or None, progress=progress)
+    bad = sum(int(not np.all(np.isfinite(v))) for v in videos.values())
+    if bad:
+        print(f"warning: {bad} of {len(videos)} samples have non-finite values", file=sys.stderr)
+
+    out_dir = os.path.abspath(os.path.expanduser(args.out))
+    try:
+        written = _write_all(out_dir, videos, conditions, labels, args, opts, shape, gen)
+    except OSError as e:
+        raise UsageError(f"cannot write to {args.out}: {e.strerror or e}") from None
+    n_files = sum(not p.endswith(SHEET_NAME) for p in written)
+    sheet = f" and {SHEET_NAME}" if any(p.endswith(SHEET_NAME) for p in written) else ""
+
+    def n(k, word):
+        return f"{k} {word}{'' if k == 1 else 's'}"
+
+    return (f"wrote {n(n_files, 'file')} ({','.join(opts['formats'])}) for {n(len(conditions), 'condition')} x "
+            f"{n(args.num_samples, 'sample')} x steps {','.join(map(str, opts['steps']))}{sheet} to {args.out} "
+            f"[{gen.kind}, guidance {guidance:g}, seed {args.seed}, video {'x'.join(map(str, shape))}]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        summary = run(args)
+    except ValueError as e:  # UsageError, RunError, or e.g. a shape the model rejects: one line, status 2
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
