@@ -80,22 +80,33 @@ def toy_data_config() -> ml_collections.ConfigDict:
                                           num_frames=f, height=h, width=w, context_length=4, text_dim=32))
 
 
+# Time shift of the toy. The reference's k = 5 suits 480p Wan latents (~30k tokens); on 16x16
+# toy videos it puts almost all training and sampling at high noise, and the teacher never
+# learns digit shapes (measured: conditional accuracy 0.14 at k = 5 vs 0.29 at k = 1 after
+# 1000 teacher steps). The toy therefore uses k = 1 in every stage; the Wan configs keep 5.
+TOY_SHIFT = 1.0
+
+
 def toy_config(stage: str) -> ml_collections.ConfigDict:
     """The embedded default for ``stage`` (see configs/toy.py)."""
     c = _common(stage)
     c.model = toy_model_config()
     c.data = toy_data_config()
-    c.train.update(dict(log_every=25, checkpoint_every=100))
+    c.train.update(dict(log_every=50, checkpoint_every=200))
+    c.loss.shift = TOY_SHIFT
+    if stage == "on_policy":
+        c.loss.flow_map_options["shift"] = TOY_SHIFT
+        c.critic_loss.shift = TOY_SHIFT
     root = "runs/toy"
     if stage == "teacher":
         c.optim.update(dict(lr=1e-3, b2=0.99, warmup_steps=50))
         c.ema.update(dict(decay=0.99, warmup_steps=50))
-        c.train.steps = 600
+        c.train.steps = 2000
     elif stage == "flow_map":
         c.init.student = f"{root}/teacher"
         c.optim.update(dict(lr=3e-4, b2=0.99, warmup_steps=20))
         c.ema.update(dict(decay=0.99, warmup_steps=20))
-        c.train.steps = 300
+        c.train.steps = 400
     elif stage == "on_policy":
         c.init.student = f"{root}/flow_map"
         c.init.teacher = f"{root}/teacher"
@@ -110,7 +121,7 @@ def toy_config(stage: str) -> ml_collections.ConfigDict:
         c.init.teacher = f"{root}/teacher"
         c.optim.update(dict(lr=3e-4, b2=0.99, warmup_steps=20))
         c.ema.update(dict(decay=0.99, warmup_steps=20))
-        c.train.steps = 300
+        c.train.steps = 400
     return c
 
 

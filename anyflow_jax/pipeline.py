@@ -2,9 +2,11 @@
 
 Runs the four toy stages on moving digits, each from the previous one's workdir:
 teacher (flow matching from scratch) -> stage 1 (flow map) -> stage 2 (on-policy: backward
-simulation + DMD + critic), and the consistency-distillation baseline from the teacher. Each
-stage lives in ``<workdir>/<stage>`` and resumes (or is skipped when finished) if the pipeline is
-run again. ``--override key=value`` changes any config field of every stage (YAML values).
+simulation + DMD + critic), and the consistency-distillation baseline from the teacher; then
+evaluates all four at 1-32 steps (``anyflow_jax.evaluate``) and prints the table. Each stage
+lives in ``<workdir>/<stage>`` and resumes (or is skipped when finished) if the pipeline is run
+again; the evaluation is written to ``<workdir>/eval``. ``--override key=value`` changes any
+config field of every stage (YAML values).
 """
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ import time
 
 import yaml
 
+from anyflow_jax import evaluate as evaluate_lib
 from anyflow_jax.defaults import toy_config
 
 ORDER = ("teacher", "flow_map", "on_policy", "consistency")
+# evaluation names of the stages' models
+EVAL_NAMES = {"teacher": "teacher", "flow_map": "anyflow_stage1", "on_policy": "anyflow", "consistency": "consistency"}
 
 
 def stage_config(stage: str, root: str, overrides: dict, steps_scale: float = 1.0):
@@ -69,7 +74,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=",".join(ORDER), help="comma-separated subset, in order")
     ap.add_argument("--override", action="append", help="config field for every stage, e.g. data.global_batch_size=8")
     ap.add_argument("--steps_scale", type=float, default=1.0, help="multiply every stage's step count")
+    ap.add_argument("--eval_steps", default="1,2,4,8,16,32", help="step counts to evaluate ('' to skip)")
+    ap.add_argument("--eval_samples", type=int, default=256, help="videos per model and step count")
+    ap.add_argument("--eval_reference_steps", type=int, default=128, help="teacher ODE steps of the reference")
     args = ap.parse_args(argv)
+    evaluate_lib._cpu_flags()  # before JAX starts: much faster sampling on small CPUs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -79,11 +88,21 @@ def main(argv=None) -> int:
         ap.error(f"unknown stages {bad}" if bad else "--steps_scale must be positive")
     from anyflow_jax.training.checkpointing import RunError
     from anyflow_jax.training.loop import NonFiniteLoss
+    t0 = time.time()
     try:
         run(args.workdir, stages=stages, overrides=parse_overrides(args.override), steps_scale=args.steps_scale)
-    except (RunError, NonFiniteLoss, ValueError) as e:
+        if args.eval_steps.strip():
+            root = os.path.abspath(args.workdir)
+            models = {EVAL_NAMES[s]: os.path.join(root, s) for s in ORDER if os.path.isdir(os.path.join(root, s))}
+            print(f"== evaluation of {sorted(models)} -> {root}/eval", flush=True)
+            results = evaluate_lib.evaluate(models, evaluate_lib.parse_steps(args.eval_steps), args.eval_samples,
+                                            os.path.join(root, "eval"),
+                                            reference_steps=args.eval_reference_steps, verbose=False)
+            print(evaluate_lib.format_table(results), flush=True)
+    except (RunError, NonFiniteLoss, ValueError, evaluate_lib.EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"== pipeline finished in {time.time() - t0:.0f}s", flush=True)
     return 0
 
 
