@@ -340,6 +340,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         critic_params=to_abstract(critic_params, t_sh) if stage == "on_policy" else None,
         critic_opt_state=to_abstract(abstract_copt, state_sh.critic_opt_state) if abstract_copt is not None else None)
     latest = ckpt.latest_step()
+    if latest is not None and latest >= int(config.train.steps):
+        log.info("nothing to do: %s is already at step %d of %d", workdir, latest, int(config.train.steps))
+        ckpt.close()
+        writer.close()
+        return {"step": latest}
     if latest is not None:
         try:
             state = ckpt.restore(latest, abstract_state, data_it)
@@ -397,8 +402,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     def take():
         return pending.pop() if pending else next_batch()
 
-    if step >= total:
-        log.info("nothing to do: the workdir is already at step %d of %d", step, total)
     with _Sigterm() as sig, jax.set_mesh(mesh):
         while step < total:
             t_step = time.perf_counter()
