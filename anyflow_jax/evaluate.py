@@ -46,6 +46,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from anyflow_jax import fileio
+
 RESULTS_FILE = "results.json"
 PLOT_FILE = "metrics_vs_steps.png"
 FORMAT = "anyflow-eval/1"
@@ -143,28 +145,11 @@ def _params_fingerprint(params) -> str:
     return h.hexdigest()
 
 
-def _atomic_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _writable_dir(out: str) -> str:
-    out = os.path.abspath(os.path.expanduser(os.fspath(out)))
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-probe-{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
+        return fileio.ensure_writable_dir(out)
     except OSError as e:
-        raise EvalError(f"output folder {out} is not writable: {e.strerror or e}") from None
-    return out
+        raise EvalError(f"output folder {e}") from None
 
 
 def _generate(gen, noise, labels, table, neg, steps, guidance, *, seed, chunk_size, progress=None):
@@ -324,7 +309,7 @@ def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, nu
         import io
         buf = io.BytesIO()
         np.save(buf, reference)
-        _atomic_bytes(ref_file, buf.getvalue())
+        fileio.atomic_write_bytes(ref_file, buf.getvalue())
     ref_seconds = time.perf_counter() - t0
 
     # ---- generate and measure
@@ -385,7 +370,7 @@ def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, nu
     if plot:
         plot_results(results, os.path.join(out, PLOT_FILE))
     results["wall_seconds"]["total"] = time.perf_counter() - t_start
-    _atomic_bytes(os.path.join(out, RESULTS_FILE), (json.dumps(results, indent=2) + "\n").encode())
+    fileio.atomic_write_bytes(os.path.join(out, RESULTS_FILE), (json.dumps(results, indent=2) + "\n").encode())
     return results
 
 
@@ -461,7 +446,7 @@ def plot_results(results: Mapping[str, Any], path: str) -> None:
     import io
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_bytes(path, buf.getvalue())
+    fileio.atomic_write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -45,6 +45,8 @@ import numpy as np
 import optax
 from flax import serialization
 
+from anyflow_jax import fileio
+
 NUM_DIGITS = 10
 NUM_DIRECTIONS = 8
 FORMAT = "anyflow-video-classifier/1"
@@ -207,9 +209,9 @@ class TrainedClassifier:
         a temporary sibling, then ``os.replace``; the JSON is written last, so a reader that finds
         it finds complete weights)."""
         os.makedirs(directory, exist_ok=True)
-        _atomic_write(os.path.join(directory, PARAMS_FILE), serialization.to_bytes(self.params))
+        fileio.atomic_write_bytes(os.path.join(directory, PARAMS_FILE), serialization.to_bytes(self.params))
         meta = {"format": FORMAT, "config": self.config.to_dict(), **self.metrics}
-        _atomic_write(os.path.join(directory, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
+        fileio.atomic_write_bytes(os.path.join(directory, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, directory: str) -> "TrainedClassifier":
@@ -225,17 +227,6 @@ class TrainedClassifier:
         clf = cls(config, params, metrics)
         clf.from_cache = True
         return clf
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _init_params(config: ClassifierConfig):

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from anyflow_jax import data as data_lib
+from anyflow_jax import fileio
 from anyflow_jax import metrics as metrics_lib
 from anyflow_jax import parallel
 from anyflow_jax.losses import onpolicy_critic_loss
@@ -200,13 +201,9 @@ def build_data(config, *, process_index: int, process_count: int):
 # ----------------------------------------------------------------------------------- main
 def _writable(workdir: str) -> None:
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
+        fileio.ensure_writable_dir(workdir)
     except OSError as e:
-        raise RunError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+        raise RunError(f"workdir {e}") from None
 
 
 def _run_meta(config, student, stage):

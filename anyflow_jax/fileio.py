@@ -1,0 +1,33 @@
+"""Small file helpers shared by the entry points: atomic writes and writable-folder checks."""
+from __future__ import annotations
+
+import os
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and one rename (never half-written)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def ensure_writable_dir(path: str) -> str:
+    """Create ``path`` if needed and prove it is writable; returns the absolute path.
+
+    Raises ``OSError`` with a one-line message naming the folder.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"{path} is not writable: {e.strerror or e}") from None
+    return path
