@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -134,9 +134,8 @@ def _flax_path(model: WanTransformer3D, entry: Entry) -> tuple[str, ...]:
 
 def _expected_shapes(model: WanTransformer3D) -> dict[str, tuple[int, ...]]:
     """diffusers name -> torch shape, derived from the Flax parameter shapes."""
-    abstract = jax.tree_util.tree_map(lambda x: x, model.abstract_params())
     from flax import linen as nn
-    abstract = nn.meta.unbox(abstract)
+    abstract = nn.meta.unbox(model.abstract_params())
     out = {}
     for e in param_table(model):
         shape = tuple(_get(abstract, _flax_path(model, e)).shape)

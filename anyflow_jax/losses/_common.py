@@ -157,6 +157,17 @@ def frames_time(tau, num_frames: int) -> jax.Array:
     return jnp.repeat(tau[:, None], num_frames, axis=1)
 
 
+def unpack_data_batch(batch) -> tuple[Any, jax.Array, Any, Any]:
+    """Validate a data batch: ``(batch, x0, context, neg_context)`` with x0 (B, F, ...) and an
+    optional context whose leading axis is B."""
+    batch = check_batch(batch, ("x0",))
+    x0 = check_latents(batch["x0"], "batch['x0']")
+    context, neg_context = batch.get("context"), batch.get("neg_context")
+    if context is not None:
+        check_context(context, x0.shape[0], "batch['context']")
+    return batch, x0, context, neg_context
+
+
 def standard_normal(key, like) -> jax.Array:
     """Gaussian noise shaped like ``like``: drawn in fp32, cast to its dtype."""
     # Deviation from the reference: noise is drawn in fp32 (the reference draws it in the bf16

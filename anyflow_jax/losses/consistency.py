@@ -41,12 +41,8 @@ def consistency_loss(
     with ``f(z, t) = z - t u(z, t, 0)``; the teacher velocity is ``teacher_apply(p, z, t, t, c)``
     (with CFG ``v_u + g (v_c - v_u)`` when ``teacher_guidance_scale`` g > 1).
     """
-    batch = C.check_batch(batch, ("x0",))
-    x0 = C.check_latents(batch["x0"], "batch['x0']")
+    batch, x0, context, neg_context = C.unpack_data_batch(batch)
     b, f = x0.shape[:2]
-    context, neg_context = batch.get("context"), batch.get("neg_context")
-    if context is not None:
-        C.check_context(context, b, "batch['context']")
     if not isinstance(num_discretization_steps, int) or num_discretization_steps < 1:
         raise ValueError(f"num_discretization_steps must be an int >= 1 (N >= 1), got {num_discretization_steps!r}")
     g = C.check_guidance(teacher_guidance_scale, "teacher_guidance_scale")

@@ -43,12 +43,8 @@ def flow_matching_loss(
     mean of the per-sample mean of ``(u - (eps - x0))^2``. With ``fuse_guidance_scale`` w > 1 the
     prediction is ``(u - (1 - w) sg(u_neg)) / w`` (the stage-1 guidance fusion, with r = t).
     """
-    batch = C.check_batch(batch, ("x0",))
-    x0 = C.check_latents(batch["x0"], "batch['x0']")
+    batch, x0, context, neg_context = C.unpack_data_batch(batch)
     b, f = x0.shape[:2]
-    context, neg_context = batch.get("context"), batch.get("neg_context")
-    if context is not None:
-        C.check_context(context, b, "batch['context']")
     w = C.check_guidance(fuse_guidance_scale, "fuse_guidance_scale")
     if w != 1.0 and (neg_context is None or context is None):
         raise ValueError(f"fuse_guidance_scale={w} needs batch['context'] and batch['neg_context']")

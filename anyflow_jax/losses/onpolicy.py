@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from anyflow_jax import schedule
 from anyflow_jax.losses import _common as C
@@ -22,9 +21,9 @@ def _rollout(student_apply, student_params, batch, key, steps_list, shift, stop_
     batch = C.check_batch(batch, ("x0",))
     x0 = C.check_latents(batch["x0"], "batch['x0']")
     k_noise, k_sim = jax.random.split(key)
-    # The rollout starts from fresh Gaussian noise shaped like the data batch.
-    # Deviation from the reference: drawn in fp32 then cast to the batch dtype (reference: bf16 randn).
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32).astype(x0.dtype)
+    # The rollout starts from fresh Gaussian noise shaped like the data batch (fp32 draw, see
+    # standard_normal for the deviation from the reference's bf16 randn).
+    noise = C.standard_normal(k_noise, x0)
     return backward_simulation(student_apply, student_params, {"noise": noise, "context": batch.get("context")},
                                k_sim, steps_list=steps_list, shift=shift, stop_prefix_grad=stop_prefix_grad,
                                num_steps=num_steps, grad_step=grad_step)
