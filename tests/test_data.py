@@ -486,18 +486,21 @@ def test_global_batch_two_processes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env, cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
-    outs = []
+    outs, errs = [], []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=180)[0])
+            # stdout apart from stderr: runtime warnings on stderr must not split the STEP lines
+            out, err = p.communicate(timeout=180)
+            outs.append(out)
+            errs.append(err)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    for p, out, err in zip(procs, outs, errs):
+        assert p.returncode == 0, (out + err)[-3000:]
     lines = [[ln for ln in out.splitlines() if ln.startswith("STEP")] for out in outs]
     assert len(lines[0]) == 3 and lines[0] == lines[1]        # both processes agree
     for ln in lines[0]:
