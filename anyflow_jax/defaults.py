@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from anyflow_jax import stages
+from anyflow_jax.config import default_config, set_field
+from anyflow_jax.errors import RunError
+
 
 def toy_model_config() -> ml_collections.ConfigDict:
     """diffusers-style config of the toy DiT (plus runtime fields)."""
@@ -38,46 +42,11 @@ def toy_video_shape() -> tuple[int, int, int, int]:
 
 
 # ------------------------------------------------------------------------------------ training
-_REFERENCE_STUDENT_LOSS = dict(  # stage-1 objective (anyflow-reference.md section 4)
-    shift=5.0, diffusion_ratio=0.5, consistency_ratio=0.25, derivative="central", delta=0.005,
-    fuse_guidance_scale=3.0, text_dropout=0.1, weighting="beta08", adaptive_rescale=True)
-
-
-def _common(stage: str) -> ml_collections.ConfigDict:
-    from anyflow_jax.training.stages import check_stage
-    check_stage(stage)
-    c = ml_collections.ConfigDict()
-    c.stage = stage
-    c.seed = 0
-    c.init = ml_collections.ConfigDict(dict(student="", teacher="", critic="", use_ema=True))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=10, checkpoint_every=500, keep_checkpoints=2,
-                                             async_checkpointing=True, critic_update_ratio=1, tensorboard=True))
-    c.ema = ml_collections.ConfigDict(dict(decay=0.999, warmup_steps=1000))
-    c.optim = ml_collections.ConfigDict(dict(lr=5e-5, b1=0.9, b2=0.95, weight_decay=0.0, eps=1e-8, warmup_steps=1000,
-                                             grad_clip=1.0, trainable_patterns=[]))
-    if stage == "teacher":
-        c.loss = ml_collections.ConfigDict(dict(shift=5.0, text_dropout=0.1))
-    elif stage == "flow_map":
-        c.loss = ml_collections.ConfigDict(dict(_REFERENCE_STUDENT_LOSS))
-    elif stage == "on_policy":
-        c.loss = ml_collections.ConfigDict(dict(
-            steps_list=[2, 4, 8, 16, 50], shift=5.0, stop_prefix_grad=False, real_guidance_scale=3.0,
-            dmd_weight=1.0, cotrain_forward=True, flow_map_options=dict(_REFERENCE_STUDENT_LOSS)))
-        c.critic_loss = ml_collections.ConfigDict(dict(steps_list=[2, 4, 8, 16, 50], shift=5.0))
-        c.optim.update(dict(lr=2e-6, b1=0.0, b2=0.999, warmup_steps=0))
-        c.critic_optim = ml_collections.ConfigDict(dict(c.optim.to_dict()))
-        c.ema.update(dict(decay=0.99, warmup_steps=200))
-        c.train.steps = 1200
-    else:  # consistency baseline (not part of the reference; rCM-style comparison model)
-        c.loss = ml_collections.ConfigDict(dict(num_discretization_steps=32, shift=5.0, teacher_guidance_scale=3.0))
-    return c
-
-
 def toy_data_config() -> ml_collections.ConfigDict:
     f, h, w, ch = toy_video_shape()
     return ml_collections.ConfigDict(dict(source="moving_digits", global_batch_size=16, seed=0, worker_count=0,
-                                          num_frames=f, height=h, width=w, context_length=4, text_dim=32))
+                                          num_samples=8192, split="train", num_frames=f, height=h, width=w,
+                                          context_length=4, text_dim=32, paths=[], negative_embedding=""))
 
 
 # Time shift of the toy. The reference's k = 5 suits 480p Wan latents (~30k tokens); on 16x16
@@ -85,43 +54,51 @@ def toy_data_config() -> ml_collections.ConfigDict:
 # learns digit shapes (measured: conditional accuracy 0.14 at k = 5 vs 0.29 at k = 1 after
 # 1000 teacher steps). The toy therefore uses k = 1 in every stage; the Wan configs keep 5.
 TOY_SHIFT = 1.0
+TOY_ROOT = "runs/toy"
+
+# Toy training settings per stage (dotted config fields); a stage without an entry (e.g. one
+# registered by a user) gets TOY_GENERIC.
+TOY_GENERIC = {"optim.lr": 3e-4, "optim.b1": 0.9, "optim.b2": 0.99, "optim.warmup_steps": 20,
+               "ema.decay": 0.99, "ema.warmup_steps": 20, "train.steps": 400}
+TOY_STAGES = {
+    "teacher": {"optim.lr": 1e-3, "optim.b2": 0.99, "optim.warmup_steps": 50, "ema.decay": 0.99,
+                "ema.warmup_steps": 50, "train.steps": 2000},
+    "flow_map": {"optim.lr": 3e-4, "optim.b2": 0.99, "optim.warmup_steps": 20, "ema.decay": 0.99,
+                 "ema.warmup_steps": 20, "train.steps": 400},
+    "on_policy": {"loss.steps_list": [2, 4, 8, 16, 32], "critic_loss.steps_list": [2, 4, 8, 16, 32],
+                  "optim.lr": 2e-5, "critic_optim.lr": 2e-5, "ema.decay": 0.99, "ema.warmup_steps": 20,
+                  "train.steps": 200},
+    "consistency": {"optim.lr": 3e-4, "optim.b1": 0.9, "optim.b2": 0.99, "optim.warmup_steps": 20,
+                    "ema.decay": 0.99, "ema.warmup_steps": 20, "train.steps": 400},
+}
+
+
+def _set_shift(c: ml_collections.ConfigDict, shift: float) -> None:
+    """Every time shift of a stage's objectives (nested option dicts included)."""
+    for section in ("loss", "critic_loss"):
+        node = c.get(section)
+        if node is None:
+            continue
+        if "shift" in node:
+            node.shift = shift
+        for value in node.values():
+            if hasattr(value, "keys") and "shift" in value:
+                value["shift"] = shift
 
 
 def toy_config(stage: str) -> ml_collections.ConfigDict:
-    """The embedded default for ``stage`` (see configs/toy.py)."""
-    c = _common(stage)
+    """The embedded default for ``stage`` (see configs/toy.py): each stage starts from the
+    workdirs ``runs/toy/<stage>`` of the stages its record names."""
+    c = default_config(stage)
+    record = stages.get(stage)
     c.model = toy_model_config()
     c.data = toy_data_config()
     c.train.update(dict(log_every=50, checkpoint_every=200))
-    c.loss.shift = TOY_SHIFT
-    if stage == "on_policy":
-        c.loss.flow_map_options["shift"] = TOY_SHIFT
-        c.critic_loss.shift = TOY_SHIFT
-    root = "runs/toy"
-    if stage == "teacher":
-        c.optim.update(dict(lr=1e-3, b2=0.99, warmup_steps=50))
-        c.ema.update(dict(decay=0.99, warmup_steps=50))
-        c.train.steps = 2000
-    elif stage == "flow_map":
-        c.init.student = f"{root}/teacher"
-        c.optim.update(dict(lr=3e-4, b2=0.99, warmup_steps=20))
-        c.ema.update(dict(decay=0.99, warmup_steps=20))
-        c.train.steps = 400
-    elif stage == "on_policy":
-        c.init.student = f"{root}/flow_map"
-        c.init.teacher = f"{root}/teacher"
-        c.loss.steps_list = [2, 4, 8, 16, 32]
-        c.critic_loss.steps_list = [2, 4, 8, 16, 32]
-        c.optim.update(dict(lr=2e-5))
-        c.critic_optim.update(dict(lr=2e-5))
-        c.ema.update(dict(decay=0.99, warmup_steps=20))
-        c.train.steps = 200
-    else:
-        c.init.student = f"{root}/teacher"
-        c.init.teacher = f"{root}/teacher"
-        c.optim.update(dict(lr=3e-4, b2=0.99, warmup_steps=20))
-        c.ema.update(dict(decay=0.99, warmup_steps=20))
-        c.train.steps = 400
+    _set_shift(c, TOY_SHIFT)
+    for field, source in record.starts_from.items():
+        c.init[field] = f"{TOY_ROOT}/{source}"
+    for dotted, value in TOY_STAGES.get(stage, TOY_GENERIC).items():
+        set_field(c, dotted, value)
     return c
 
 
@@ -142,23 +119,20 @@ _EMBEDDERS = [r"condition_embedder/(time|delta)_embedder/"]
 
 def wan_config(size: str, stage: str) -> ml_collections.ConfigDict:
     if size not in WAN_SIZES:
-        raise ValueError(f"unknown Wan size {size!r}; expected one of {sorted(WAN_SIZES)}")
+        raise RunError(f"unknown Wan size {size!r}; expected one of {sorted(WAN_SIZES)}")
     s = WAN_SIZES[size]
-    c = _common(stage)
+    c = default_config(stage)
+    record = stages.get(stage)
     c.model = ml_collections.ConfigDict(dict(
         patch_size=(1, 2, 2), num_attention_heads=s["num_attention_heads"], attention_head_dim=s["attention_head_dim"],
         in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=s["ffn_dim"], num_layers=s["num_layers"],
         gate_value=0.25, deltatime_type="r",
         dtype="bfloat16", attention_impl="cudnn", scan_layers=True, remat_policy="full"))
-    c.data = ml_collections.ConfigDict(dict(source="array_record", paths=[], negative_embedding="",
-                                            global_batch_size=s["global_batch"], seed=0, worker_count=4))
+    c.data.update(dict(source="array_record", global_batch_size=s["global_batch"], worker_count=4))
     c.mesh = ml_collections.ConfigDict(s["mesh"])
-    c.train.update(dict(steps=s["iters"][stage], log_every=10, checkpoint_every=500, keep_checkpoints=3))
-    c.optim.trainable_patterns = list(_ATTN_FFN) + (list(_EMBEDDERS) if stage in ("flow_map", "on_policy") else [])
-    if stage == "on_policy":
+    steps = s["iters"].get(stage, c.train.steps)
+    c.train.update(dict(steps=steps, log_every=10, checkpoint_every=500, keep_checkpoints=3))
+    c.optim.trainable_patterns = list(_ATTN_FFN) + (list(_EMBEDDERS) if record.student_is_flow_map else [])
+    if record.has_critic:
         c.critic_optim.trainable_patterns = list(_ATTN_FFN)
-        c.loss.dmd_batch_size = None
-    if stage == "consistency":
-        c.optim.update(dict(lr=2e-6, b1=0.0, b2=0.999, warmup_steps=0))
-        c.ema.update(dict(decay=0.99, warmup_steps=200))
     return c

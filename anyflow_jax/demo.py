@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anyflow_jax.defaults import toy_model_config, toy_video_shape
-from anyflow_jax.interop.diffusers import load_transformer, save_transformer
+from anyflow_jax.checkpoints.diffusers import load_transformer, save_transformer
 from anyflow_jax.models.wan import WanTransformer3D
 
 

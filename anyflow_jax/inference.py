@@ -1,108 +1,208 @@
 """Load a trained model of any kind and generate videos with any number of steps.
 
-Kinds and their samplers (``anyflow_jax.sampling``):
+A checkpoint is a training workdir (its sampler follows its stage's registry record; EMA weights
+by default), an Orbax model checkpoint or a diffusers folder (teacher or flow map by its
+weights; ``kind='consistency'`` must then be given). Sampler kinds (:data:`anyflow_jax.stages.SAMPLERS`):
 
-- ``teacher``: a flow-matching model; Euler ODE sampler (``ode_sample``), CFG by default
-  (``guidance=3``, the reference's teacher validation setting);
-- ``flow_map``: an AnyFlow student (stage 1 or stage 2); any-step flow-map sampler
-  (``sample``), guidance 1 (the student fuses CFG);
+- ``teacher``: a flow-matching model; Euler ODE sampler, CFG by default (``guidance=3``, the
+  reference's teacher validation setting);
+- ``flow_map``: an AnyFlow student (stage 1 or stage 2); any-step flow-map sampler, guidance 1
+  (the student fuses CFG);
 - ``consistency``: the consistency-distillation baseline; multistep consistency sampler.
 
-A checkpoint is a training workdir (its kind follows the stage in ``run.json``; EMA weights by
-default), an Orbax model checkpoint or a diffusers folder (teacher or flow map by its weights;
-``kind='consistency'`` must then be given).
+The generic path knows contexts (text embeddings) only: :func:`sample_videos` takes named
+contexts ``(L, D)``. What a run's conditions are called and where its negative context comes
+from is its data's *conditioning adapter* (:func:`conditioning_for`): the toy's moving digits
+name ten classes; a latent-record run knows its negative-prompt embedding file.
+
+Noise and keys are functions of ``(seed, sample index)`` only (:func:`initial_noise`,
+:func:`sample_keys`), so a sample is the same whatever its batch, chunk or step count.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anyflow_jax import sampling
+from anyflow_jax import stages as stage_registry
+from anyflow_jax.checkpoints import runs as run_files
+from anyflow_jax.errors import RunError
 from anyflow_jax.models.wan import WanTransformer3D, make_apply_fn
-from anyflow_jax.training import checkpointing as ckpt_lib
-from anyflow_jax.training.checkpointing import RunError
 
-KINDS = ("teacher", "flow_map", "consistency")
-_STAGE_KIND = {"teacher": "teacher", "flow_map": "flow_map", "on_policy": "flow_map", "consistency": "consistency"}
-DEFAULT_GUIDANCE = {"teacher": 3.0, "flow_map": 1.0, "consistency": 1.0}
+KINDS = tuple(stage_registry.SAMPLERS)
 
 
+def default_guidance(kind: str) -> float:
+    return stage_registry.get_sampler(kind).default_guidance
+
+
+class _Guidance(dict):
+    """``DEFAULT_GUIDANCE[kind]``, read from the sampler registry (kept for existing code)."""
+
+    def __missing__(self, kind):
+        return default_guidance(kind)
+
+    def __contains__(self, kind):
+        return kind in stage_registry.SAMPLERS
+
+
+DEFAULT_GUIDANCE = _Guidance()
+
+
+# ------------------------------------------------------------------------------ noise and keys
+def initial_noise(seed: int, indices, shape: Sequence[int]) -> np.ndarray:
+    """``(len(indices), *shape)`` float32 standard normal noise; row ``k`` depends only on
+    ``(seed, indices[k], shape)`` (``normal(fold_in(fold_in(key(seed), 0), index))``). An int
+    ``indices`` gives the single ``shape`` array of that index."""
+    single = isinstance(indices, (int, np.integer))
+    idx = np.atleast_1d(np.asarray(indices, np.uint32))
+    base = jax.random.fold_in(jax.random.key(int(seed)), 0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(idx)
+    out = np.asarray(jax.vmap(lambda k: jax.random.normal(k, tuple(shape), jnp.float32))(keys))
+    return out[0] if single else out
+
+
+def sample_keys(seed: int, indices) -> jax.Array:
+    """Per-sample PRNG keys ``(len(indices),)`` of the stochastic samplers (the consistency
+    sampler's re-noising): key ``k`` depends only on ``(seed, indices[k])``."""
+    idx = np.atleast_1d(np.asarray(indices, np.uint32))
+    base = jax.random.fold_in(jax.random.key(int(seed)), 1)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(idx)
+
+
+# ------------------------------------------------------------------------------ conditioning
+class Conditioning:
+    """A run's conditioning adapter: named conditions, the negative context, the video shape."""
+
+    #: names of the conditions this data defines, in order (empty: contexts must be given)
+    names: tuple[str, ...] = ()
+    #: label of each condition (contact-sheet rows)
+    labels: Mapping[str, str] = {}
+
+    def contexts(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        raise RunError("this run defines no named conditions; pass prompt embeddings")
+
+    def negative(self) -> np.ndarray | None:
+        """``(1, L, D)`` negative context, or None when unknown."""
+        return None
+
+    def video_shape(self) -> tuple[int, int, int, int] | None:
+        return None
+
+
+class ClassConditioning(Conditioning):
+    """Moving digits: ten classes ``class0``..``class9``, each a row of a fixed embedding table."""
+
+    def __init__(self, data: Mapping[str, Any], in_channels: int = 1):
+        from anyflow_jax.data import class_embeddings, negative_embedding
+        from anyflow_jax.data.digits import NUM_CLASSES
+        self.length, self.dim = int(data["context_length"]), int(data["text_dim"])
+        self.table = class_embeddings(NUM_CLASSES, self.length, self.dim)
+        self._negative = negative_embedding(self.length, self.dim)
+        self._shape = (int(data["num_frames"]), int(data["height"]), int(data["width"]), int(in_channels))
+        self.names = tuple(f"class{c}" for c in range(NUM_CLASSES))
+        self.labels = {f"class{c}": f"class {c}" for c in range(NUM_CLASSES)}
+
+    def contexts(self, names=None):
+        names = self.names if names is None else list(names)
+        out = {}
+        for n in names:
+            if n not in self.names:
+                raise RunError(f"unknown condition {n!r}; this run has {', '.join(self.names)}")
+            out[n] = np.asarray(self.table[self.names.index(n)])
+        return out
+
+    def negative(self):
+        return np.asarray(self._negative)
+
+    def video_shape(self):
+        return self._shape
+
+
+class EmbeddingConditioning(Conditioning):
+    """Precomputed text embeddings: the negative prompt's embedding file of the run, if readable."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        self.path = data.get("negative_embedding") or ""
+
+    def negative(self):
+        if self.path and os.path.isfile(self.path):
+            neg = np.load(self.path, allow_pickle=False)
+            return np.asarray(neg, np.float32).reshape((1,) + neg.shape[-2:])
+        return None
+
+
+CONDITIONING_ADAPTERS: dict[str, Callable[[Mapping[str, Any], WanTransformer3D], Conditioning]] = {
+    "moving_digits": lambda data, model: ClassConditioning(data, model.in_channels),
+    "array_record": lambda data, model: EmbeddingConditioning(data),
+}
+
+
+def conditioning_for(data: Mapping[str, Any] | None, model: WanTransformer3D) -> Conditioning:
+    """The conditioning adapter of a run's data config (a plain one when unknown)."""
+    source = (data or {}).get("source")
+    if source in CONDITIONING_ADAPTERS:
+        return CONDITIONING_ADAPTERS[source](data, model)
+    return Conditioning()
+
+
+# ------------------------------------------------------------------------------ the generator
 @dataclasses.dataclass
 class Generator:
-    kind: str
+    kind: str  # a sampler kind (stages.SAMPLERS)
     stage: str
     model: WanTransformer3D
     params: Any
     path: str
-    data: dict  # the run's data config (video shape, conditioning) when known
+    data: dict  # the run's data config when known
     shift: float = 5.0
+    conditioning: Conditioning = dataclasses.field(default_factory=Conditioning)
 
     def __post_init__(self):
         self._apply = make_apply_fn(self.model)
+        self._sampler = stage_registry.get_sampler(self.kind)
         self._fns: dict = {}
 
-    # -------------------------------------------------------------- conditioning of the toy runs
     def video_shape(self) -> tuple[int, int, int, int]:
-        d = self.data
-        if "num_frames" in d:
-            return (int(d["num_frames"]), int(d["height"]), int(d["width"]), self.model.in_channels)
-        raise RunError(f"{self.path}: the video shape is unknown (not a moving-digits run); pass it explicitly")
+        shape = self.conditioning.video_shape()
+        if shape is None:
+            raise RunError(f"{self.path}: the video shape is unknown for this checkpoint; pass it explicitly")
+        return shape
 
-    def conditioning(self):
-        """(class table (10, L, D), negative (1, L, D)) of a moving-digits run."""
-        from anyflow_jax.data import class_embeddings, negative_embedding
-        d = self.data
-        if d.get("source", "moving_digits") != "moving_digits" or "context_length" not in d:
-            raise RunError(f"{self.path}: not a moving-digits run; pass prompt embeddings explicitly")
-        L, D = int(d["context_length"]), int(d["text_dim"])
-        return class_embeddings(10, L, D), negative_embedding(L, D)
-
-    # -------------------------------------------------------------- sampling
     def _fn(self, steps: int, guidance: float):
         key = (steps, guidance)
         if key not in self._fns:
-            apply, shift = self._apply, self.shift
-            if self.kind == "teacher":
-                def fn(params, noise, context, neg, rng):
-                    del rng
-                    return sampling.ode_sample(apply, params, noise, context, num_steps=steps, shift=shift,
-                                               guidance_scale=guidance, neg_context=neg if guidance != 1.0 else None)
-            elif self.kind == "flow_map":
-                def fn(params, noise, context, neg, rng):
-                    del rng
-                    return sampling.sample(apply, params, noise, context, num_steps=steps, shift=shift,
-                                           guidance_scale=guidance, neg_context=neg if guidance != 1.0 else None)
-            else:
-                if guidance != 1.0:
-                    raise ValueError("the consistency sampler has no CFG; use guidance 1")
+            run, apply, shift = self._sampler.run, self._apply, self.shift
 
-                def fn(params, noise, context, neg, rng):
-                    del neg
-                    return sampling.consistency_sample(apply, params, noise, context, key=rng, num_steps=steps,
-                                                       shift=shift)
+            def fn(params, noise, context, neg, keys):
+                return run(apply, params, noise, context, num_steps=steps, shift=shift, guidance=guidance,
+                           neg_context=neg, keys=keys)
             self._fns[key] = jax.jit(fn)
         return self._fns[key]
 
     def sample(self, noise, context, steps: int, *, guidance: float | None = None, neg_context=None,
-               rng: jax.Array | None = None) -> jax.Array:
+               keys: jax.Array | None = None) -> jax.Array:
         """Generate from ``noise`` (B, F, H, W, C) with ``steps`` model evaluations per sample
-        (times 2 with CFG). ``rng`` feeds the consistency sampler's re-noising."""
+        (times 2 with CFG). ``keys`` (B,) feed a stochastic sampler (default: :func:`sample_keys`
+        of seed 0 and indices 0..B-1)."""
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        g = DEFAULT_GUIDANCE[self.kind] if guidance is None else float(guidance)
+        g = self._sampler.default_guidance if guidance is None else float(guidance)
         if g < 1.0:
             raise ValueError(f"guidance must be >= 1, got {g}")
+        if g != 1.0 and not self._sampler.supports_guidance:
+            raise ValueError(f"the {self.kind} sampler has no classifier-free guidance; use guidance 1")
         if g != 1.0 and neg_context is None:
             raise ValueError("guidance > 1 needs a negative (unconditional) context")
         if neg_context is not None:
             neg_context = jnp.broadcast_to(jnp.asarray(neg_context), (noise.shape[0],) + tuple(neg_context.shape[1:]))
-        rng = rng if rng is not None else jax.random.key(0)
-        return self._fn(int(steps), g)(self.params, noise, context, neg_context, rng)
+        if keys is None:
+            keys = sample_keys(0, np.arange(noise.shape[0]))
+        return self._fn(int(steps), g)(self.params, noise, context, neg_context, keys)
 
 
 def load_generator(path: str, *, kind: str | None = None, use_ema: bool = True,
@@ -114,19 +214,105 @@ def load_generator(path: str, *, kind: str | None = None, use_ema: bool = True,
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     runtime = dict(model_kwargs or {})
-    src_kind = ckpt_lib.checkpoint_kind(path)
-    data, stage = {}, None
+    src_kind = run_files.checkpoint_kind(path)
+    data, stage, meta = {}, None, {}
     if src_kind == "workdir":
-        meta = ckpt_lib.read_run_file(path)
+        meta = run_files.read_run_file(path)
         stage = meta.get("stage")
         runtime.setdefault("scan_layers", meta.get("scan_layers", True))
         data = dict(meta.get("config", {}).get("data", {}))
-    model, params, _ = ckpt_lib.load_start(path, runtime=runtime, use_ema=use_ema, field="--checkpoint")
-    found = _STAGE_KIND[stage] if stage else ("flow_map" if model.flow_map else "teacher")
-    if kind is not None and kind != found and not (stage is None and kind == "consistency" and not model.flow_map):
+    model, params, _ = run_files.load_start(path, runtime=runtime, use_ema=use_ema, field="--checkpoint")
+    if stage is not None:
+        found = stage_registry.get(stage).sampler
+    else:
+        found = "flow_map" if model.flow_map else "teacher"
+    # outside a workdir a single-time model may be declared a consistency model
+    declared_ok = stage is None and not model.flow_map and kind is not None and \
+        not stage_registry.get_sampler(kind).flow_map_model
+    if kind is not None and kind != found and not declared_ok:
         raise RunError(f"{path} is a {found} checkpoint{f' (stage {stage})' if stage else ''}, not {kind}")
     kind = kind or found
-    if kind == "flow_map" and not model.flow_map:
+    if stage_registry.get_sampler(kind).flow_map_model and not model.flow_map:
         raise RunError(f"{path}: a flow-map sampler needs a flow-map model")
     shift = float(meta.get("config", {}).get("loss", {}).get("shift", 5.0)) if src_kind == "workdir" else 5.0
-    return Generator(kind=kind, stage=stage or kind, model=model, params=params, path=path, data=data, shift=shift)
+    return Generator(kind=kind, stage=stage or kind, model=model, params=params, path=path, data=data, shift=shift,
+                     conditioning=conditioning_for(data, model))
+
+
+# ------------------------------------------------------------------------------ many videos
+def _check_steps_value(s) -> int:
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+        raise ValueError(f"steps must be positive integers, got {s!r}")
+    return int(s)
+
+
+def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str, Any], *, num_samples: int = 1,
+                  seed: int = 0, guidance: float | None = None, neg_context=None,
+                  video_shape: Sequence[int] | None = None, batch_size: int | None = None,
+                  output: str = "float", progress: Callable[[int, int], None] | None = None,
+                  ) -> dict[tuple[str, int, int], np.ndarray]:
+    """Generate every (condition, sample, step count) video.
+
+    ``conditions`` maps a name to a context ``(L, D)`` (or ``(1, L, D)``); sample ``i`` of every
+    condition and step count starts from :func:`initial_noise` ``(seed, i)`` and, for a
+    stochastic sampler, uses :func:`sample_keys` ``(seed, i)``. One ``generator.sample`` call per
+    step count takes all conditions and samples (at most ``batch_size`` per call when given).
+    ``guidance`` defaults to the kind's default; guidance > 1 needs ``neg_context`` ``(1, L, D)``.
+    ``video_shape`` ``(F, H, W, C)`` defaults to ``generator.video_shape()``.
+
+    Returns ``{(name, i, steps): video}`` with ``video`` ``(F, H, W, C)``: float32 in the model's
+    range (``output="float"``) or mapped to uint8 (``output="uint8"``, see ``video.to_uint8``).
+    ``progress(done, steps)`` is called after each batch with the number of videos it made.
+    """
+    from anyflow_jax import video as vid
+    if output not in ("float", "uint8"):
+        raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+    steps_list = [_check_steps_value(s) for s in steps_list]
+    if not steps_list:
+        raise ValueError("steps_list is empty")
+    if not conditions:
+        raise ValueError("no conditions to sample")
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    shape = tuple(int(x) for x in (video_shape if video_shape is not None else generator.video_shape()))
+    names = list(conditions)
+    ctx = []
+    for n in names:
+        c = np.asarray(conditions[n], np.float32)
+        if c.ndim == 3 and c.shape[0] == 1:
+            c = c[0]
+        if c.ndim != 2:
+            raise ValueError(f"condition {n!r}: a context must be (L, D) or (1, L, D), got {c.shape}")
+        ctx.append(c)
+    if len({c.shape for c in ctx}) > 1:
+        raise ValueError(f"all contexts must have the same shape to be batched, got {sorted({c.shape for c in ctx})}")
+    if neg_context is not None:
+        neg_context = np.asarray(neg_context, np.float32)
+        if neg_context.ndim == 2:
+            neg_context = neg_context[None]
+        if neg_context.shape != (1,) + ctx[0].shape:
+            raise ValueError(f"the negative context must be (1, {ctx[0].shape[0]}, {ctx[0].shape[1]}) like the "
+                             f"conditions, got {neg_context.shape}")
+    noise = initial_noise(seed, np.arange(int(num_samples)), shape)
+    keys = sample_keys(seed, np.arange(int(num_samples)))
+    jobs = [(n, k, i) for k, n in enumerate(names) for i in range(int(num_samples))]
+    size = len(jobs) if not batch_size else int(batch_size)
+    out: dict[tuple[str, int, int], np.ndarray] = {}
+    for steps in steps_list:
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start:start + size]
+            idx = np.asarray([i for _, _, i in chunk])
+            z = jnp.asarray(noise[idx])
+            c = jnp.asarray(np.stack([ctx[k] for _, k, _ in chunk]))
+            x = generator.sample(z, c, steps, guidance=guidance, neg_context=neg_context, keys=keys[idx])
+            x = np.asarray(x, np.float32)
+            for (n, _, i), v in zip(chunk, x):
+                out[(n, i, steps)] = vid.to_uint8(v) if output == "uint8" else v
+            if progress is not None:
+                progress(len(chunk), steps)
+    return out
+
+
+__all__ = ["Generator", "load_generator", "sample_videos", "initial_noise", "sample_keys", "default_guidance",
+           "DEFAULT_GUIDANCE", "KINDS", "Conditioning", "ClassConditioning", "EmbeddingConditioning",
+           "conditioning_for", "CONDITIONING_ADAPTERS"]

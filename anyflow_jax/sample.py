@@ -29,145 +29,34 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from anyflow_jax import cli
 from anyflow_jax import video as vid
+from anyflow_jax.cli import UsageError
 
 NUM_CLASSES = 10
 SHEET_NAME = "contact_sheet.png"
 
 
-class UsageError(ValueError):
-    """Bad command-line input."""
-
-
 # ------------------------------------------------------------------------------ library
-def initial_noise(seed: int, index: int, shape: Sequence[int]) -> np.ndarray:
-    """The initial noise of sample ``index`` for ``seed``: ``(F, H, W, C)`` float32, standard normal.
-
-    A pure function of ``(seed, index, shape)``: the same for every step count and condition."""
-    import jax
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), index)
-    return np.asarray(jax.random.normal(key, tuple(shape), np.float32))
-
-
-def renoise_key(seed: int):
-    """The key of the consistency sampler's re-noising for ``seed`` (one per batch call)."""
-    import jax
-    return jax.random.fold_in(jax.random.key(seed), 1)
-
-
-def class_conditions(generator, classes: Sequence[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """``({"class<c>": (L, D)}, negative (1, L, D))`` of a moving-digits run."""
-    table, neg = generator.conditioning()
-    out = {}
-    for c in classes:
-        if not 0 <= int(c) < table.shape[0]:
-            raise ValueError(f"class {c} is outside 0..{table.shape[0] - 1}")
-        out[f"class{int(c)}"] = np.asarray(table[int(c)])
-    return out, np.asarray(neg)
-
-
-def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str, Any], *, num_samples: int = 1,
-                  seed: int = 0, guidance: float | None = None, neg_context=None,
-                  video_shape: Sequence[int] | None = None, batch_size: int | None = None,
-                  output: str = "float", progress: Callable[[int, int], None] | None = None,
-                  ) -> dict[tuple[str, int, int], np.ndarray]:
-    """Generate every (condition, sample, step count) video.
-
-    ``conditions`` maps a name to a context ``(L, D)`` (or ``(1, L, D)``); sample ``i`` of every
-    condition and step count starts from :func:`initial_noise` ``(seed, i)``. One
-    ``generator.sample`` call per step count takes all conditions and samples (at most
-    ``batch_size`` per call when given). ``guidance`` defaults to the kind's default
-    (``inference.DEFAULT_GUIDANCE``); guidance > 1 needs ``neg_context`` ``(1, L, D)``.
-    ``video_shape`` ``(F, H, W, C)`` defaults to ``generator.video_shape()``. The consistency
-    sampler's re-noising uses one key per (seed, step count) call for the whole batch.
-
-    Returns ``{(name, i, steps): video}`` with ``video`` ``(F, H, W, C)``: float32 in the model's
-    range (``output="float"``) or mapped to uint8 (``output="uint8"``, see :func:`video.to_uint8`).
-    ``progress(done, steps)`` is called after each batch with the number of videos it made.
-    """
-    import jax.numpy as jnp
-    if output not in ("float", "uint8"):
-        raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
-    steps_list = [_check_steps_value(s) for s in steps_list]
-    if not steps_list:
-        raise ValueError("steps_list is empty")
-    if not conditions:
-        raise ValueError("no conditions to sample")
-    if int(num_samples) != num_samples or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    shape = tuple(int(x) for x in (video_shape if video_shape is not None else generator.video_shape()))
-    names = list(conditions)
-    ctx = []
-    for n in names:
-        c = np.asarray(conditions[n], np.float32)
-        if c.ndim == 3 and c.shape[0] == 1:
-            c = c[0]
-        if c.ndim != 2:
-            raise ValueError(f"condition {n!r}: a context must be (L, D) or (1, L, D), got {c.shape}")
-        ctx.append(c)
-    if len({c.shape for c in ctx}) > 1:
-        raise ValueError(f"all contexts must have the same shape to be batched, got {sorted({c.shape for c in ctx})}")
-    if neg_context is not None:
-        neg_context = np.asarray(neg_context, np.float32)
-        if neg_context.ndim == 2:
-            neg_context = neg_context[None]
-        if neg_context.shape != (1,) + ctx[0].shape:
-            raise ValueError(f"the negative context must be (1, {ctx[0].shape[0]}, {ctx[0].shape[1]}) like the "
-                             f"conditions, got {neg_context.shape}")
-    noise = [initial_noise(seed, i, shape) for i in range(int(num_samples))]
-    jobs = [(n, k, i) for k, n in enumerate(names) for i in range(int(num_samples))]
-    size = len(jobs) if not batch_size else int(batch_size)
-    rng = renoise_key(seed)
-    out: dict[tuple[str, int, int], np.ndarray] = {}
-    for steps in steps_list:
-        for start in range(0, len(jobs), size):
-            chunk = jobs[start:start + size]
-            z = jnp.asarray(np.stack([noise[i] for _, _, i in chunk]))
-            c = jnp.asarray(np.stack([ctx[k] for _, k, _ in chunk]))
-            x = generator.sample(z, c, steps, guidance=guidance, neg_context=neg_context, rng=rng)
-            x = np.asarray(x, np.float32)
-            for (n, _, i), v in zip(chunk, x):
-                out[(n, i, steps)] = vid.to_uint8(v) if output == "uint8" else v
-            if progress is not None:
-                progress(len(chunk), steps)
-    return out
+# The sampling library lives in anyflow_jax.inference (re-exported here for existing code).
+def __getattr__(name):
+    if name in ("initial_noise", "sample_keys", "sample_videos"):
+        from anyflow_jax import inference
+        return getattr(inference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------ parsing
-def _check_steps_value(s) -> int:
-    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
-        raise ValueError(f"steps must be positive integers, got {s!r}")
-    return int(s)
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    items = [t.strip() for t in text.split(",")]
-    if not text.strip() or any(not t for t in items):
-        raise UsageError(f"{what} must be a comma-separated list of integers, got {text!r}")
-    out = []
-    for t in items:
-        if not re.fullmatch(r"[+-]?\d+", t):
-            raise UsageError(f"{what} must be integers, got {t!r} in {text!r}")
-        v = int(t)
-        if v not in out:
-            out.append(v)
-    return out
-
-
 def parse_steps(text: str) -> list[int]:
-    steps = _int_list(text, "--steps")
-    bad = [s for s in steps if s < 1]
-    if bad:
-        raise UsageError(f"--steps must be positive (>= 1), got {bad[0]} in {text!r}")
-    return steps
+    return cli.parse_steps(text, "--steps")
 
 
 def parse_classes(text: str) -> list[int]:
-    classes = _int_list(text, "--class")
+    classes = cli.int_list(text, "--class")
     bad = [c for c in classes if not 0 <= c < NUM_CLASSES]
     if bad:
         raise UsageError(f"--class {bad[0]} is outside 0..{NUM_CLASSES - 1}")
@@ -308,38 +197,25 @@ def _validate(args) -> dict:
     return opts
 
 
-def _run_negative(gen):
-    """The negative embedding the run trained with, when known (moving digits, or the
-    ``data.negative_embedding`` file of an array_record run); else None."""
-    try:
-        return gen.conditioning()[1]
-    except ValueError:
-        pass
-    path = gen.data.get("negative_embedding") if isinstance(gen.data, dict) else None
-    if path and os.path.isfile(path):
-        return _load_embedding(path, "the run's data.negative_embedding")[None]
-    return None
-
-
 def _resolve(gen, args, opts):
     """(conditions, row labels, negative, video shape, guidance) for a loaded generator."""
-    from anyflow_jax.inference import DEFAULT_GUIDANCE
+    from anyflow_jax.inference import default_guidance
     model = gen.model
+    adapter = gen.conditioning
     if opts["prompts"] is not None:
         conditions = opts["prompts"]
         labels = list(conditions)
-        neg = opts["negative"]
-        if neg is None:
-            neg = _run_negative(gen)
     else:
+        if not adapter.names:
+            raise UsageError(f"{gen.path}: this run has no named conditions (not a moving-digits run); use "
+                             f"--prompt-embedding with --video-shape")
+        wanted = [f"class{c}" for c in opts["classes"]] if opts["classes"] is not None else list(adapter.names)
         try:
-            conditions, neg = class_conditions(gen, opts["classes"] if opts["classes"] is not None
-                                               else range(NUM_CLASSES))
+            conditions = adapter.contexts(wanted)
         except ValueError as e:
-            raise UsageError(f"{e} (use --prompt-embedding with --video-shape)") from None
-        labels = [f"class {n[5:]}" for n in conditions]
-        if opts["negative"] is not None:
-            neg = opts["negative"]
+            raise UsageError(str(e)) from None
+        labels = [adapter.labels.get(n, n) for n in conditions]
+    neg = opts["negative"] if opts["negative"] is not None else adapter.negative()
     shapes = {np.asarray(c).shape for c in conditions.values()}
     if len(shapes) > 1:
         raise UsageError(f"the prompt embeddings have different shapes {sorted(shapes)}; they must match to be batched")
@@ -367,9 +243,10 @@ def _resolve(gen, args, opts):
         raise UsageError(f"video shape {shape} is not divisible by the model's patch size {tuple(model.patch_size)} "
                          f"in (F, H, W)")
 
-    guidance = DEFAULT_GUIDANCE[gen.kind] if args.guidance is None else float(args.guidance)
-    if gen.kind == "consistency" and guidance != 1.0:
-        raise UsageError(f"the consistency sampler has no classifier-free guidance; use --guidance 1, got {guidance:g}")
+    guidance = default_guidance(gen.kind) if args.guidance is None else float(args.guidance)
+    from anyflow_jax.stages import get_sampler
+    if not get_sampler(gen.kind).supports_guidance and guidance != 1.0:
+        raise UsageError(f"the {gen.kind} sampler has no classifier-free guidance; use --guidance 1, got {guidance:g}")
     if guidance != 1.0 and neg is None:
         raise UsageError(f"guidance {guidance:g} needs a negative embedding (--negative-embedding FILE.npy) "
                          f"or --guidance 1")
@@ -427,9 +304,9 @@ def run(args) -> str:
 
     from tqdm import tqdm
 
-    from anyflow_jax.inference import load_generator
+    from anyflow_jax import inference
     try:
-        gen = load_generator(args.checkpoint, kind=args.kind)
+        gen = inference.load_generator(args.checkpoint, kind=args.kind)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     conditions, labels, neg, shape, guidance = _resolve(gen, args, opts)
@@ -440,7 +317,7 @@ def run(args) -> str:
             bar.set_postfix_str(f"{steps} steps")
             bar.update(n)
 
-        videos = sample_videos(gen, opts["steps"], conditions, num_samples=args.num_samples, seed=args.seed,
+        videos = inference.sample_videos(gen, opts["steps"], conditions, num_samples=args.num_samples, seed=args.seed,
                                guidance=guidance, neg_context=neg, video_shape=shape,
                                batch_size=args.batch_size or None, progress=progress)
     bad = sum(int(not np.all(np.isfinite(v))) for v in videos.values())

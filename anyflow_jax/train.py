@@ -1,10 +1,11 @@
 """Train any AnyFlow stage: ``python -m anyflow_jax.train --config configs/<x>.py --workdir DIR``.
 
-  python -m anyflow_jax.train --config configs/toy_teacher.py --workdir runs/toy_teacher
-  python -m anyflow_jax.train --config configs/toy_flow_map.py --workdir runs/toy_flow_map \\
-      --config.init.student=runs/toy_teacher --config.train.steps=100
+  python -m anyflow_jax.train --config configs/toy.py:teacher --workdir runs/toy/teacher
+  python -m anyflow_jax.train --config configs/toy.py:flow_map --workdir runs/toy/flow_map \\
+      --config.init.student=runs/toy/teacher --config.train.steps=100
 
-The config selects the stage (``teacher``, ``flow_map``, ``on_policy``, ``consistency``); any
+The config selects the stage (a record of ``anyflow_jax.stages``: ``teacher``, ``flow_map``,
+``on_policy``, ``consistency``); any
 field can be overridden with ``--config.a.b=value``. A workdir with checkpoints is resumed
 automatically. Multi-host: launch one process per host; pass ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` (or ``--distributed`` on TPU pods / SLURM, where JAX
@@ -41,7 +42,7 @@ def main(argv):
     elif _DISTRIBUTED.value:
         jax.distributed.initialize()
 
-    from anyflow_jax.training.checkpointing import RunError
+    from anyflow_jax.errors import RunError
     from anyflow_jax.training.loop import NonFiniteLoss, train
     try:
         last = train(_CONFIG.value, _WORKDIR.value)

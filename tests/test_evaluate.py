@@ -13,6 +13,8 @@ import scipy.linalg
 
 from anyflow_jax import evaluate as ev
 from anyflow_jax.evaluation import classifier as clf_lib
+from anyflow_jax.evaluation import harness as ev_harness
+from anyflow_jax.inference import initial_noise
 from anyflow_jax.evaluation.metrics import conditional_accuracy, frechet_distance, ode_distance
 from anyflow_jax.training import loop
 
@@ -237,11 +239,11 @@ def test_evaluate_metrics_match_an_independent_computation(evaluated, tiny_runs)
     from anyflow_jax.inference import load_generator
     out, res = evaluated
     g = load_generator(tiny_runs["stage1"])
-    table, _ = g.conditioning()
+    table, _ = ev_harness.class_table(g)
     base = jax.random.fold_in(jax.random.key(3), 0)
     noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(base, i), SHAPE4, jnp.float32))
                       for i in range(20)])
-    np.testing.assert_array_equal(noise, ev.initial_noise(3, 20, SHAPE4))
+    np.testing.assert_array_equal(noise, initial_noise(3, np.arange(20), SHAPE4))
     labels = np.arange(20) % 10
     x = np.asarray(g.sample(jnp.asarray(noise), jnp.asarray(table[labels]), 1))
     clf = clf_lib.TrainedClassifier.load(os.path.join(out, "classifier"))
@@ -282,7 +284,7 @@ def test_parsers():
     (["--models", "teacher"], "name=CHECKPOINT"),
     (["--models", "a=/no/such/ckpt"], "does not exist"),
     (["--models", "a=.", "--steps", "0,1"], ">= 1"),
-    (["--models", "a=.", "--steps", "1.5"], "positive integers"),
+    (["--models", "a=.", "--steps", "1.5"], "must be integers"),
     (["--models", "a=.", "--num-samples", "5"], ">= 10"),
     (["--models", "a=.", "--num-samples", "x"], "integer"),
     (["--out", "o"], "--models"),

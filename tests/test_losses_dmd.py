@@ -84,13 +84,37 @@ def test_dmd_time_is_shifted_uniform_and_clamped():
     assert tc.min() >= 0.2 and tc.max() <= 0.9 and np.any(tc == 0.9)
 
 
-def test_dmd_batch_size_uses_the_first_samples():
+def test_dmd_num_samples_uses_the_first_samples_of_the_global_batch():
     batch = _dmd_batch(b=4)
-    batch = {k: v for k, v in batch.items() if k not in ("eps", "t")}
-    grad = jax.jit(jax.grad(lambda s: losses.dmd_loss(_teacher, TEACHER, _critic, CRITIC, {**batch, "sample": s},
-                                                      jax.random.key(0), dmd_batch_size=2)[0]))(batch["sample"])
+    free = {k: v for k, v in batch.items() if k not in ("eps", "t")}
+    grad = jax.jit(jax.grad(lambda s: losses.dmd_loss(_teacher, TEACHER, _critic, CRITIC, {**free, "sample": s},
+                                                      jax.random.key(0), dmd_num_samples=2)[0]))(free["sample"])
     g = np.asarray(grad)
     assert np.all(g[2:] == 0) and np.any(g[:2] != 0)
+    # with forced noise and times: exactly the loss of the first 2 samples on their own
+    def loss_fn(b, **kw):
+        return lambda s: losses.dmd_loss(_teacher, TEACHER, _critic, CRITIC, {**b, "sample": s},
+                                         jax.random.key(0), **kw)[0]
+
+    loss_n, g_n = jax.value_and_grad(loss_fn(batch, dmd_num_samples=2))(batch["sample"])
+    first = {k: (v if k == "neg_context" else v[:2]) for k, v in batch.items()}
+    loss_2, g_2 = jax.value_and_grad(loss_fn(first))(first["sample"])
+    np.testing.assert_allclose(float(loss_n), float(loss_2), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_n)[:2], np.asarray(g_2), rtol=1e-6, atol=1e-12)
+    # None = every sample; out-of-range counts fail naming the option
+    full = losses.dmd_loss(_teacher, TEACHER, _critic, CRITIC, batch, jax.random.key(0), dmd_num_samples=None)[0]
+    assert float(full) != float(loss_n)
+    with pytest.raises(ValueError, match="dmd_num_samples"):
+        losses.dmd_loss(_teacher, TEACHER, _critic, CRITIC, batch, jax.random.key(0), dmd_num_samples=5)
+
+
+def test_dmd_batch_size_was_renamed_to_dmd_num_samples():
+    import inspect
+    for fn in (losses.dmd_loss, losses.onpolicy_generator_loss):
+        kw = {n for n, p in inspect.signature(fn).parameters.items() if p.kind == inspect.Parameter.KEYWORD_ONLY}
+        assert "dmd_num_samples" in kw and "dmd_batch_size" not in kw, fn.__name__
+    with pytest.raises(TypeError, match="dmd_batch_size"):
+        losses.dmd_loss(_teacher, TEACHER, _critic, CRITIC, _dmd_batch(), jax.random.key(0), dmd_batch_size=2)
 
 
 def test_critic_loss_is_flow_matching_on_stopped_samples():

@@ -1,7 +1,10 @@
-"""anyflow_jax.metrics: writers (CLU or console + JSON lines), progress, parameter overview."""
+"""anyflow_jax.training.writers: writers (CLU, tensorboardX or console + JSON lines), progress,
+parameter overview."""
+import glob
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 import types
@@ -11,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anyflow_jax import metrics
+from anyflow_jax.training import writers as metrics
 
-LOGGER = "anyflow_jax.metrics"
+LOGGER = "anyflow_jax.training.writers"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,15 +29,76 @@ def _read_jsonl(path):
         return [json.loads(line) for line in fh]
 
 
+def _event_files(workdir):
+    return sorted(glob.glob(os.path.join(os.fspath(workdir), "**", "events.out.tfevents.*"),
+                            recursive=True))
+
+
+def _read_events(path):
+    """The ``Event`` protos of a TFRecord file (length u64 LE, crc u32, data, crc u32)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    with open(path, "rb") as fh:
+        while True:
+            header = fh.read(8)
+            if not header:
+                break
+            assert len(header) == 8, "truncated record header"
+            (length,) = struct.unpack("<Q", header)
+            fh.read(4)  # crc of the length
+            data = fh.read(length)
+            assert len(data) == length, "truncated record"
+            fh.read(4)  # crc of the data
+            events.append(Event.FromString(data))
+    return events
+
+
+def _scalar_value(value):
+    if value.HasField("simple_value"):
+        return value.simple_value
+    t = value.tensor
+    if t.float_val:
+        return t.float_val[0]
+    if t.double_val:
+        return t.double_val[0]
+    return np.frombuffer(t.tensor_content, dtype=np.float32)[0].item()
+
+
+def _scalars(workdir):
+    """``{tag: {step: value}}`` over all event files under ``workdir``, plus all tags seen."""
+    out, tags = {}, set()
+    for path in _event_files(workdir):
+        for ev in _read_events(path):
+            if not ev.HasField("summary"):
+                continue
+            for v in ev.summary.value:
+                tags.add(v.tag)
+                plugin = v.metadata.plugin_data.plugin_name
+                if v.HasField("simple_value") or plugin == "scalars":
+                    out.setdefault(v.tag, {})[ev.step] = _scalar_value(v)
+    return out, tags
+
+
 @pytest.fixture
-def no_clu_writers(monkeypatch):
-    """Make `clu.metric_writers` unimportable (as without TensorFlow) and reset the warn-once flag."""
+def no_tensorboard(monkeypatch):
+    """Make `clu.metric_writers` and `tensorboardX` unimportable (as without TensorFlow and
+    tensorboardX) and reset the warn-once flag."""
     monkeypatch.setitem(sys.modules, "clu.metric_writers", None)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    monkeypatch.setattr(metrics, "_FALLBACK_WARNED", False)
+
+
+@pytest.fixture
+def no_tensorflow(monkeypatch):
+    """The real environment (TensorFlow is not a dependency), with the warn-once flag reset."""
+    if metrics._tensorflow_installed():
+        pytest.skip("TensorFlow is installed: the CLU path is taken")
     monkeypatch.setattr(metrics, "_FALLBACK_WARNED", False)
 
 
 # ----------------------------------------------------------------------------- writers
-def test_fallback_writer_writes_json_lines_and_warns_once(tmp_path, caplog, no_clu_writers):
+def test_fallback_writer_writes_json_lines_and_warns_once(tmp_path, caplog, no_tensorboard):
     caplog.set_level(logging.INFO, logger=LOGGER)
     workdir = tmp_path / "run"
     w = metrics.create_writer(workdir)
@@ -54,33 +118,72 @@ def test_fallback_writer_writes_json_lines_and_warns_once(tmp_path, caplog, no_c
         {"step": 3, "loss": 0.125},
     ]
     assert json.loads((workdir / metrics.HPARAMS_FILE).read_text()) == {"lr": 5e-5, "betas": [0.9, 0.95]}
+    assert _event_files(workdir) == []
     warnings = _records(caplog, logging.WARNING)
     assert len(warnings) == 1
     msg = warnings[0].getMessage()
-    assert "clu.metric_writers" in msg and "ModuleNotFoundError" in msg and "metrics.jsonl" in msg
+    assert "clu.metric_writers" in msg and "tensorboardX" in msg and "metrics.jsonl" in msg
+    assert "ModuleNotFoundError" in msg
     info = [r.getMessage() for r in _records(caplog, logging.INFO)]
     assert "[1] loss=0.5, lr=0.0001" in info and "[2] count=3, loss=0.25" in info
     with pytest.raises(ValueError, match="'v' is not a scalar"):
         metrics.create_writer(workdir).write_scalars(4, {"v": np.zeros(3)})
 
 
-def test_real_environment_without_tensorflow_falls_back(tmp_path, caplog, monkeypatch):
-    try:
-        import tensorflow  # noqa: F401
-        pytest.skip("TensorFlow is installed: the CLU path is taken")
-    except ImportError:
-        pass
-    monkeypatch.setattr(metrics, "_FALLBACK_WARNED", False)
+def test_without_tensorflow_writes_tensorboard_events_with_tensorboardx(tmp_path, caplog,
+                                                                        no_tensorflow):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    w = metrics.create_writer(tmp_path)
-    w.write_scalars(0, {"x": 1.0})
+    workdir = tmp_path / "run"
+    w = metrics.create_writer(workdir, tensorboard=True)
+    w.write_scalars(0, {"loss": jnp.float32(0.5), "lr": 1e-4})
+    w.write_scalars(10, {"loss": np.array(0.25), "count": np.int32(3)})
+    w.write_scalars(20, {"loss": 0.125})
+    w.write_hparams({"lr": 5e-5, "betas": (0.9, 0.95), "name": "toy", "ema": True})
+    w.write_texts(20, {"note": "hello"})
     w.close()
-    (warning,) = _records(caplog, logging.WARNING)
-    assert "tensorflow" in warning.getMessage()
-    assert _read_jsonl(tmp_path / metrics.METRICS_FILE) == [{"step": 0, "x": 1.0}]
+
+    assert _records(caplog, logging.WARNING) == []
+    files = _event_files(workdir)
+    assert len(files) == 1 and os.path.dirname(files[0]) == os.fspath(workdir)
+    scalars, tags = _scalars(workdir)
+    assert scalars["loss"] == {0: 0.5, 10: 0.25, 20: 0.125}
+    assert scalars["lr"] == {0: pytest.approx(1e-4)}
+    assert scalars["count"] == {10: 3.0}
+    assert "_hparams_/session_start_info" in tags and any(t.startswith("note") for t in tags)
+    # console and JSON lines as before
+    info = [r.getMessage() for r in _records(caplog, logging.INFO)]
+    assert "[0] loss=0.5, lr=0.0001" in info and "[10] count=3, loss=0.25" in info
+    assert [r["step"] for r in _read_jsonl(workdir / metrics.METRICS_FILE)] == [0, 10, 20]
+    assert json.loads((workdir / metrics.HPARAMS_FILE).read_text())["name"] == "toy"
 
 
-def test_tensorboard_off_gives_console_and_jsonl_without_warning(tmp_path, caplog, no_clu_writers):
+def test_tensorboard_flush_puts_events_on_disk_and_writers_do_not_clobber(tmp_path, no_tensorflow):
+    w = metrics.create_writer(tmp_path)
+    w.write_scalars(3, {"x": 1.5})
+    w.flush()
+    assert _scalars(tmp_path)[0] == {"x": {3: 1.5}}  # on disk before close
+    w.write_scalars(4, {"x": 2.5})  # after a flush, writing goes on
+    # a second writer on the same workdir in the same second (e.g. an eval writer) gets its own file
+    w2 = metrics.create_writer(tmp_path)
+    w2.write_scalars(5, {"y": 7.0})
+    w2.close()
+    w.close()
+    assert _scalars(tmp_path)[0] == {"x": {3: 1.5, 4: 2.5}, "y": {5: 7.0}}
+    assert len(set(_event_files(tmp_path))) == len(_event_files(tmp_path)) >= 2
+
+
+def test_tensorboard_off_gives_console_and_jsonl_without_warning(tmp_path, caplog, no_tensorflow):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    w = metrics.create_writer(tmp_path, tensorboard=False)
+    w.write_scalars(5, {"a": 2.0})
+    w.close()
+    assert _records(caplog, logging.WARNING) == []
+    assert _event_files(tmp_path) == []
+    assert _read_jsonl(tmp_path / metrics.METRICS_FILE) == [{"step": 5, "a": 2.0}]
+    assert "[5] a=2" in [r.getMessage() for r in _records(caplog, logging.INFO)]
+
+
+def test_tensorboard_off_without_any_backend_does_not_warn(tmp_path, caplog, no_tensorboard):
     caplog.set_level(logging.INFO, logger=LOGGER)
     w = metrics.create_writer(tmp_path, tensorboard=False)
     w.write_scalars(5, {"a": 2.0})
@@ -89,7 +192,7 @@ def test_tensorboard_off_gives_console_and_jsonl_without_warning(tmp_path, caplo
     assert _read_jsonl(tmp_path / metrics.METRICS_FILE) == [{"step": 5, "a": 2.0}]
 
 
-def test_nonzero_process_writes_nothing(tmp_path, caplog, no_clu_writers):
+def test_nonzero_process_writes_nothing(tmp_path, caplog, no_tensorboard):
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     workdir = tmp_path / "proc1"
     w = metrics.create_writer(workdir, process_index=1)
@@ -101,9 +204,7 @@ def test_nonzero_process_writes_nothing(tmp_path, caplog, no_clu_writers):
     assert [r for r in caplog.records if r.name == LOGGER] == []
 
 
-def test_clu_writer_used_when_importable(tmp_path, caplog, monkeypatch):
-    calls = []
-
+def _fake_clu(monkeypatch, calls):
     class FakeCluWriter:
         def write_scalars(self, step, scalars):
             calls.append(("scalars", step, dict(scalars)))
@@ -124,6 +225,12 @@ def test_clu_writer_used_when_importable(tmp_path, caplog, monkeypatch):
     fake = types.ModuleType("clu.metric_writers")
     fake.create_default_writer = create_default_writer
     monkeypatch.setitem(sys.modules, "clu.metric_writers", fake)
+
+
+def test_clu_writer_used_when_tensorflow_installed(tmp_path, caplog, monkeypatch):
+    calls = []
+    _fake_clu(monkeypatch, calls)
+    monkeypatch.setattr(metrics, "_tensorflow_installed", lambda: True)
     monkeypatch.setattr(metrics, "_FALLBACK_WARNED", False)
     caplog.set_level(logging.INFO, logger=LOGGER)
     w = metrics.create_writer(tmp_path)
@@ -134,28 +241,57 @@ def test_clu_writer_used_when_importable(tmp_path, caplog, monkeypatch):
     assert calls == [("create", os.fspath(tmp_path), False), ("scalars", 7, {"loss": 0.5}),
                      ("hparams", {"lr": 1.0}), ("flush",), ("close",)]
     assert _records(caplog, logging.WARNING) == []
-    # our console writer is not added (CLU logs), but JSON lines are still written
+    # neither our console writer (CLU logs) nor tensorboardX is added, but JSON lines are written
     assert _records(caplog, logging.INFO) == []
+    assert _event_files(tmp_path) == []
     assert _read_jsonl(tmp_path / metrics.METRICS_FILE) == [{"step": 7, "loss": 0.5}]
 
 
-def test_importing_metrics_does_not_import_tensorflow_or_clu_writers(tmp_path):
+def test_clu_writers_not_imported_without_tensorflow(tmp_path, caplog, monkeypatch, no_tensorflow):
+    calls = []
+    _fake_clu(monkeypatch, calls)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    w = metrics.create_writer(tmp_path)
+    w.write_scalars(1, {"x": 2.0})
+    w.close()
+    assert calls == []  # TensorFlow is checked before clu.metric_writers is touched
+    assert _scalars(tmp_path)[0] == {"x": {1: 2.0}}
+    assert _records(caplog, logging.WARNING) == []
+
+
+def test_broken_clu_with_tensorflow_falls_back_to_tensorboardx(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(metrics, "_tensorflow_installed", lambda: True)
+    monkeypatch.setitem(sys.modules, "clu.metric_writers", None)
+    monkeypatch.setattr(metrics, "_FALLBACK_WARNED", False)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    w = metrics.create_writer(tmp_path)
+    w.write_scalars(2, {"x": 4.0})
+    w.close()
+    assert _scalars(tmp_path)[0] == {"x": {2: 4.0}}
+    assert _records(caplog, logging.WARNING) == []
+    assert any("clu.metric_writers failed" in r.getMessage() for r in _records(caplog, logging.INFO))
+
+
+def test_importing_writers_does_not_import_tensorflow_tensorboardx_or_clu_writers(tmp_path):
     code = (
         "import sys\n"
-        "import anyflow_jax.metrics as m, anyflow_jax.training.optim\n"
+        "def bad():\n"
+        "    return sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'tensorboardX')\n"
+        "                  or k.startswith(('clu.metric_writers', 'clu.periodic_actions')))\n"
+        "import anyflow_jax.training.writers as m\n"
+        "print('AFTER_IMPORT', bad())\n"
+        "import anyflow_jax.training.optim\n"
         "w = m.create_writer(sys.argv[1], tensorboard=False); w.write_scalars(1, {'x': 1.0}); w.close()\n"
         "p = m.Progress(10); p(1); p.summary(1)\n"
         "m.parameter_overview({'a': __import__('numpy').zeros((2, 3))})\n"
-        "bad = sorted(k for k in sys.modules if k.split('.')[0] == 'tensorflow'\n"
-        "             or k.startswith(('clu.metric_writers', 'clu.periodic_actions')))\n"
-        "print('BAD', bad)\n"
-        "assert not bad, bad\n"
+        "print('AFTER_USE', bad())\n"
     )
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                          env=env, cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "BAD []" in res.stdout
+    assert "AFTER_IMPORT []" in res.stdout, res.stdout
+    assert "AFTER_USE []" in res.stdout, res.stdout
 
 
 # ----------------------------------------------------------------------------- progress

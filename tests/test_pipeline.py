@@ -4,7 +4,8 @@ import json
 import os
 
 from anyflow_jax import pipeline
-from anyflow_jax.training import checkpointing
+from anyflow_jax.checkpoints.runs import read_run_file
+from anyflow_jax.training.run_checkpoints import RunCheckpointer
 
 TINY = ["model.num_layers=2", "model.num_attention_heads=2", "model.attention_head_dim=16", "model.ffn_dim=64",
         "model.freq_dim=32", "data.global_batch_size=8", "data.num_frames=4", "train.tensorboard=false",
@@ -21,9 +22,9 @@ def test_pipeline_chains_the_four_stages(tmp_path, capsys):
     expected = {"teacher": 10, "flow_map": 2, "on_policy": 1, "consistency": 2}
     for stage, steps in expected.items():
         assert f"== {stage} done" in out
-        ck = checkpointing.RunCheckpointer(os.path.join(root, stage), read_only=True)
+        ck = RunCheckpointer(os.path.join(root, stage), read_only=True)
         assert ck.latest_step() == steps, stage
-        meta = checkpointing.read_run_file(os.path.join(root, stage))
+        meta = read_run_file(os.path.join(root, stage))
         assert meta["stage"] == stage and meta["model"]["num_layers"] == 2
     cfg = json.load(open(os.path.join(root, "on_policy", "run.json")))["config"]
     assert cfg["init"]["student"] == os.path.join(root, "flow_map")

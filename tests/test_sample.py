@@ -15,6 +15,8 @@ from anyflow_jax import inference
 from anyflow_jax import sample as S
 from anyflow_jax import video as V
 from anyflow_jax.defaults import toy_config
+from anyflow_jax.evaluation.harness import class_table
+from anyflow_jax.inference import sample_keys
 from anyflow_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,14 +96,15 @@ def check_outputs(out, ckpt, kind, classes, steps, scale, guidance, sheet_scale=
     assert set(os.listdir(out)) == names | {"contact_sheet.png"}
     gen = load_generator(ckpt)
     assert gen.kind == kind
-    table, neg = gen.conditioning()
+    table, neg = class_table(gen)
     noise = S.initial_noise(0, 0, (F, H, W, 1))
     sheet_scale = sheet_scale or scale
     sheet = iio.imread(os.path.join(out, "contact_sheet.png"))
     assert sheet.shape == sheet_size(len(classes), len(steps), sheet_scale)[::-1] + (3,)
     for s_i, s in enumerate(steps):
         direct = np.asarray(gen.sample(np.stack([noise] * len(classes)), table[list(classes)], s,
-                                       guidance=guidance, neg_context=neg, rng=S.renoise_key(0)))
+                                       guidance=guidance, neg_context=neg,
+                                       keys=sample_keys(0, [0] * len(classes))))
         for c_i, c in enumerate(classes):
             base = os.path.join(out, f"class{c}_s0_steps{s}")
             raw = np.load(base + ".npy")
@@ -167,7 +170,7 @@ def test_consistency_cli_as_a_subprocess(ckpts, tmp_path):
 
 def test_seed_repeat_prompt_embedding_and_samples(ckpts, shared, tmp_path, capsys):
     gen = load_generator(ckpts["flow_map"])
-    table, _ = gen.conditioning()
+    table, _ = class_table(gen)
     emb = tmp_path / "digit4.npy"
     np.save(emb, table[4][None])  # (1, L, D), same as class 4
     a, b, c = (str(tmp_path / n) for n in "abc")
@@ -281,7 +284,7 @@ class FakeGenerator:
     def video_shape(self):
         return (3, 2, 2, 1)
 
-    def sample(self, noise, context, steps, *, guidance=None, neg_context=None, rng=None):
+    def sample(self, noise, context, steps, *, guidance=None, neg_context=None, keys=None):
         noise, context = np.asarray(noise), np.asarray(context)
         self.calls.append(dict(noise=noise, context=context, steps=steps, guidance=guidance, neg=neg_context))
         return noise + steps + context[:, 0, 0][:, None, None, None, None]

@@ -115,3 +115,61 @@ def test_sampler_input_errors():
         sampling.sample(lambda p, z, t, r, c: z[..., :2], None, noise)
     with pytest.raises(ValueError, match="neg_context"):
         jax.jit(lambda z: sampling.sample(_toy, None, z, jnp.zeros((2, 4)), guidance_scale=2.0)).lower(noise)
+
+
+def _consistency_toy(params, z, t, r, context):
+    # a per-sample model (no coupling across the batch) that depends on z, t and the context
+    return jnp.sin(z) + 0.5 * z + t[..., None] + context[:, None, :]
+
+
+def test_consistency_sampler_per_sample_keys_do_not_depend_on_the_batch():
+    b, f, d = 4, 2, 3
+    noise = jax.random.normal(jax.random.key(10), (b, f, d))
+    ctx = jax.random.normal(jax.random.key(11), (b, d))
+    keys = jax.random.split(jax.random.key(12), b)
+    run = jax.jit(lambda z, c, k: sampling.consistency_sample(_consistency_toy, None, z, c, key=k, num_steps=4))
+    batched = np.asarray(run(noise, ctx, keys))
+    for i in range(b):  # sample i alone, with its own key, equals sample i of the batch
+        alone = np.asarray(run(noise[i:i + 1], ctx[i:i + 1], keys[i:i + 1]))
+        np.testing.assert_allclose(alone[0], batched[i], rtol=1e-6, atol=1e-6, err_msg=f"sample {i}")
+    perm = np.array([2, 0, 3, 1])  # a permuted batch permutes the samples and nothing else
+    permuted = np.asarray(run(noise[perm], ctx[perm], keys[perm]))
+    np.testing.assert_allclose(permuted, batched[perm], rtol=1e-6, atol=1e-6)
+    # the keys matter: other keys give other samples (several steps re-noise)
+    other = np.asarray(run(noise, ctx, jax.random.split(jax.random.key(13), b)))
+    assert np.all(np.mean(np.abs(other - batched), axis=(1, 2)) > 1e-3)
+    # a single key is split into B per-sample keys (position-dependent convenience)
+    single = np.asarray(run(noise, ctx, jax.random.key(12)))
+    np.testing.assert_allclose(single, batched, rtol=1e-6, atol=1e-6)
+    # a raw uint32 key (jax.random.PRNGKey) is wrapped and used the same way
+    raw = np.asarray(run(noise, ctx, jax.random.key_data(keys)))
+    np.testing.assert_allclose(raw, batched, rtol=1e-6, atol=1e-6)
+
+
+def test_consistency_sampler_last_step_returns_the_x0_prediction():
+    b, f, d = 3, 1, 2
+    noise = jax.random.normal(jax.random.key(14), (b, f, d))
+    ctx = jax.random.normal(jax.random.key(15), (b, d))
+    keys = jax.random.split(jax.random.key(16), b)
+    grid = [1.0, 0.6, 0.25, 0.0]
+    out = sampling.consistency_sample(_consistency_toy, None, noise, ctx, key=keys, timesteps=grid)
+    # replay the steps with the documented per-sample noise: fold_in(sample_key, step)
+    z = np.asarray(noise, np.float64)
+    c = np.asarray(ctx, np.float64)
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        x0 = z - t * (np.sin(z) + 0.5 * z + t + c[:, None, :])
+        eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), (f, d))) for k in keys])
+        z = t_next * eps + (1 - t_next) * x0
+    # the last step (t_next = 0) returns x0 exactly: no noise added
+    np.testing.assert_allclose(np.asarray(out), x0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), z, rtol=1e-5, atol=1e-5)
+
+
+def test_consistency_sampler_key_shape_errors():
+    noise = jnp.zeros((4, 2, 3))
+    with pytest.raises(ValueError, match=r"key must be a single PRNG key or a \(B,\) = \(4,\)"):
+        sampling.consistency_sample(_toy, None, noise, key=jax.random.split(jax.random.key(0), 3))
+    with pytest.raises(ValueError, match="key must be"):
+        sampling.consistency_sample(_toy, None, noise, key=jax.random.split(jax.random.key(0), (4, 2)))
+    with pytest.raises(ValueError, match="key must be a JAX PRNG key"):
+        sampling.consistency_sample(_toy, None, noise, key=jnp.zeros((4,), jnp.float32))

@@ -40,8 +40,8 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
-    from anyflow_jax import checkpoint
-    from anyflow_jax.interop import diffusers as dif
+    from anyflow_jax.checkpoints import model as checkpoint
+    from anyflow_jax.checkpoints import diffusers as dif
 
     dtype = None if args.dtype == "keep" else jnp.dtype(args.dtype)
     src_is_orbax = checkpoint.is_model_checkpoint(args.src)

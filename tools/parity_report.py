@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import torch
 
     from anyflow_jax.interop import reference
-    from anyflow_jax.interop.diffusers import load_transformer
+    from anyflow_jax.checkpoints.diffusers import load_transformer
 
     rows = []
     for i, (name, cfg, shape) in enumerate(CASES):

@@ -1,4 +1,4 @@
-"""Flow Map Backward Simulation (anyflow-reference.md section 5.1).
+"""Flow Map Backward Simulation (reference spec section 5.1; API in docs/losses.md).
 
 From pure noise, three shortcut transitions of the flow-map model on the N-step shifted grid
 ``T_0 = 1 > T_1 > ... > T_N = 0``:
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anyflow_jax import schedule
+from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
 
 DEFAULT_STEPS_LIST = (2, 4, 8, 16, 50)

@@ -6,7 +6,7 @@ package's conventions. The consistency function is parameterised through the flo
 construction. On the shifted M-step grid ``T_0 = 1 > ... > T_M = 0`` a sample picks an interval
 ``(t, s) = (T_n, T_{n+1})``; the teacher takes one Euler ODE step ``z_s = z_t - (t - s) v(z_t, t)``
 and the student's prediction at ``(z_t, t)`` is pulled to the target network's prediction at
-``(z_s, s)``. Sampling: :func:`anyflow_jax.sampling.consistency_sample`.
+``(z_s, s)``. Sampling: :func:`anyflow_jax.flow.sampling.consistency_sample`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from anyflow_jax import schedule
+from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
 
 

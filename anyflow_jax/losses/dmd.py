@@ -1,4 +1,5 @@
-"""Stage 2: DMD generator loss and the critic's flow-matching loss (anyflow-reference.md 5.2, 5.4)."""
+"""Stage 2: DMD generator loss and the critic's flow-matching loss (reference spec sections 5.2 and 5.4;
+API in docs/losses.md)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -6,7 +7,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from anyflow_jax import schedule
+from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
 from anyflow_jax.losses.flow_matching import flow_matching_loss
 
@@ -31,7 +32,7 @@ def dmd_loss(
     shift: float = schedule.DEFAULT_SHIFT,
     min_t: float = 0.0,
     max_t: float = 1.0,
-    dmd_batch_size: Optional[int] = None,
+    dmd_num_samples: Optional[int] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DMD generator loss on a generated sample ``batch["sample"]`` (it carries the gradient).
 
@@ -46,8 +47,13 @@ def dmd_loss(
       (s = ``real_guidance_scale``: CFG weight 1 + s);
       ``grad = nan_to_num((x_fake - x_real) / mean_{non-batch}|x_hat - x_real|)``;
       ``loss = dmd_weight * mean((x_hat - sg(x_hat - grad))^2)``.
-    Its gradient w.r.t. x_hat is ``2 * dmd_weight * grad / x_hat.size``. ``dmd_batch_size`` uses
-    only the first samples (the reference's ``dmd_batch_size``; None = all).
+    Its gradient w.r.t. x_hat is ``2 * dmd_weight * grad / x_hat.size``.
+
+    ``dmd_num_samples``: how many samples of the *global* batch DMD uses (the first n; None =
+    all). This is not the reference's ``dmd_batch_size``, which counts per GPU (the first n
+    samples of each GPU's local batch; 2 for 1.3B and 1 for 14B, i.e. the whole per-GPU batch).
+    Those reference values amount to None here; copying them would cut the DMD samples by the
+    device count.
     """
     batch = C.check_batch(batch, ("sample",))
     x_hat = C.check_latents(batch["sample"], "batch['sample']")
@@ -55,10 +61,12 @@ def dmd_loss(
     s = C.check_guidance(real_guidance_scale, "real_guidance_scale", minimum=0.0)
     if context is not None:
         C.check_context(context, x_hat.shape[0], "batch['context']")
-    if dmd_batch_size is not None:
-        if not isinstance(dmd_batch_size, int) or not 1 <= dmd_batch_size <= x_hat.shape[0]:
-            raise ValueError(f"dmd_batch_size must be an int in [1, {x_hat.shape[0]}], got {dmd_batch_size!r}")
-        n = dmd_batch_size
+    if dmd_num_samples is not None:
+        if (not isinstance(dmd_num_samples, int) or isinstance(dmd_num_samples, bool)
+                or not 1 <= dmd_num_samples <= x_hat.shape[0]):
+            raise ValueError(f"dmd_num_samples must be an int in [1, {x_hat.shape[0]}] (samples of the global "
+                             f"batch), got {dmd_num_samples!r}")
+        n = dmd_num_samples
         x_hat = x_hat[:n]
         context = jax.tree_util.tree_map(lambda c: c[:n], context)
         if neg_context is not None:
@@ -98,8 +106,8 @@ def dmd_loss(
     grad = jax.lax.stop_gradient(jnp.nan_to_num((x_fake - x_real) / normaliser))
     # Deviation from the reference: the reference forms this MSE in float64; JAX runs with x64
     # off, so we use fp32 (the gradient w.r.t. the sample is the same expression).
-    # Note: the spec writes no 0.5 factor here (Self-Forcing's dmd.py has 0.5 * mse); we follow
-    # the spec. dmd_weight=0.5 reproduces the Self-Forcing scale.
+    # As the reference's generator_loss (reference spec section 5.2):
+    # L_DMD = dmd_weight * mean((x_hat - sg(x_hat - grad))^2), with no 0.5 factor.
     x_hat32 = x_hat.astype(jnp.float32)
     loss = dmd_weight * jnp.mean(jnp.square(x_hat32 - jax.lax.stop_gradient(x_hat32 - grad)))
     metrics = {

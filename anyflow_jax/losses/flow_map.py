@@ -1,4 +1,4 @@
-"""Stage 1: the forward flow-map (MeanFlow-style) loss (anyflow-reference.md section 4).
+"""Stage 1: the forward flow-map (MeanFlow-style) loss (reference spec section 4; API in docs/losses.md).
 
 The model ``u(z_t, t, r)`` is regressed onto ``v - (t - r) dF/dt``, where ``dF/dt`` is the total
 derivative of the model output along the conditional path, i.e. the JVP with tangent ``(v, 1, 0)``
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anyflow_jax import schedule
+from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
 
 DIFFUSION, CONSISTENCY, GENERAL = 0, 1, 2
@@ -55,8 +55,10 @@ def sample_time_pairs(
     u1, u2 ~ U(0, 1); t = max, r = min; r = t for diffusion indices, r = 0 for consistency
     indices (see :func:`time_pair_kinds`); repeated over frames, then t and r shifted separately.
     """
-    # Deviation from the reference: times are sampled in fp32; the reference draws, shifts and
-    # scales them in bf16 (quantising t, r and the central-difference gap, section 9 item 14).
+    # Deviation from the reference: times are sampled in fp32. The reference draws, shifts and
+    # scales them in bf16 (model units t = 1000 tau), so t, r and the offsets t +/- 5 are bf16
+    # values; for t >= 512 (97% of draws) t +/- 5 rounds to t +/- 4 while the denominator stays
+    # 10, a systematic 0.8 factor on the time part of the central difference (docs/deviations.md).
     kinds = time_pair_kinds(batch_size, diffusion_ratio, consistency_ratio)
     uu = jax.random.uniform(key, (2, batch_size), jnp.float32)
     t = jnp.maximum(uu[0], uu[1])
@@ -146,7 +148,7 @@ def flow_map_loss(
     ((B, F) tau) to force noise and times (the pair kinds of the split still decide the
     rescaling).
 
-    Steps (anyflow-reference.md 4.2-4.5):
+    Steps (reference spec sections 4.2-4.5; docs/losses.md):
       1. time pairs by global index (diffusion r = t / consistency r = 0 / general), shift, fp32;
       2. text dropout to ``neg_context``; ``z = t eps + (1 - t) x0``; ``v = eps - x0``;
       3. ``F = u(z, t, r, c)`` and ``dF/dt`` along (v, 1, 0) (``derivative="central"``: the
@@ -175,7 +177,7 @@ def flow_map_loss(
     n_diff = int(np.sum(kinds == DIFFUSION))
     if adaptive_rescale and n_diff == 0:
         # Deviation from the reference: with no diffusion sample the reference's rescale is NaN
-        # (section 9 item 22); we refuse at trace time instead.
+        # (docs/deviations.md); we refuse at trace time instead.
         raise ValueError(f"adaptive_rescale needs at least one diffusion sample: diffusion_ratio={diffusion_ratio} "
                          f"gives none for batch size {b}")
 

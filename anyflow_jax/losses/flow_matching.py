@@ -1,4 +1,4 @@
-"""Stage 0: plain flow matching for the teacher (anyflow-reference.md section 3)."""
+"""Stage 0: plain flow matching for the teacher (reference spec section 3; API in docs/losses.md)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -6,7 +6,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from anyflow_jax import schedule
+from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
 
 

@@ -1,4 +1,4 @@
-"""Stage 2 composed: on-policy generator and critic losses (anyflow-reference.md section 5).
+"""Stage 2 composed: on-policy generator and critic losses (reference spec section 5; docs/losses.md).
 
 The generator loss = DMD on a Flow Map Backward Simulation rollout (+ the co-trained stage-1
 loss on the real batch); the critic loss = flow matching on a stop-gradient rollout. Both compile
@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 
-from anyflow_jax import schedule
+from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
 from anyflow_jax.losses.backward_simulation import DEFAULT_STEPS_LIST, backward_simulation
 from anyflow_jax.losses.dmd import critic_loss, dmd_loss
@@ -44,7 +44,7 @@ def onpolicy_generator_loss(
     stop_prefix_grad: bool = False,
     real_guidance_scale: float = 3.0,
     dmd_weight: float = 1.0,
-    dmd_batch_size: Optional[int] = None,
+    dmd_num_samples: Optional[int] = None,
     cotrain_forward: bool = True,
     flow_map_options: Optional[Mapping[str, Any]] = None,
     num_steps: Any = None,
@@ -56,7 +56,9 @@ def onpolicy_generator_loss(
     ``context``, ``neg_context``. The rollout draws N from ``steps_list`` and k in [0, N) from
     ``key`` inside the program (``num_steps``/``grad_step`` force them); it uses no guidance.
     ``flow_map_options`` are keyword options of :func:`flow_map_loss` (reference defaults if
-    None). The two terms add with weight 1:1. metrics: ``loss``, ``dmd/*``, ``rollout/*``,
+    None). ``dmd_num_samples`` is passed to :func:`dmd_loss`: the number of samples of the *global*
+    batch DMD uses (None = all, what the reference's per-GPU ``dmd_batch_size`` values amount to).
+    The two terms add with weight 1:1. metrics: ``loss``, ``dmd/*``, ``rollout/*``,
     ``forward/*``.
     """
     k_roll, k_dmd, k_fwd = jax.random.split(key, 3)
@@ -65,7 +67,7 @@ def onpolicy_generator_loss(
     dmd_batch = {"sample": x_hat, "context": batch.get("context"), "neg_context": batch.get("neg_context")}
     loss_dmd, dmd_metrics = dmd_loss(teacher_apply, teacher_params, critic_apply, critic_params, dmd_batch, k_dmd,
                                      real_guidance_scale=real_guidance_scale, dmd_weight=dmd_weight, shift=shift,
-                                     dmd_batch_size=dmd_batch_size)
+                                     dmd_num_samples=dmd_num_samples)
     metrics = {f"dmd/{k}": v for k, v in dmd_metrics.items()}
     metrics.update({f"rollout/{k}": v for k, v in roll_metrics.items()})
     loss = loss_dmd

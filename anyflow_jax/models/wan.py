@@ -536,3 +536,19 @@ def make_apply_fn(model: WanTransformer3D):
     def apply_fn(params, z, t, r, context):
         return model.apply({"params": params}, z, t, r, context)
     return apply_fn
+
+
+# ------------------------------------------------------------------------------ model surgery
+def make_flow_map_student(model: WanTransformer3D, params, *, gate_value: float = 0.25,
+                          deltatime_type: str = "r") -> tuple[WanTransformer3D, Any]:
+    """A teacher as a new flow-map student: the delta embedder starts as a copy of the time
+    embedder (the reference's ``setup_flowmap_model``), so the student equals the teacher on the
+    diagonal r = t."""
+    if model.flow_map:
+        return model, params
+    student = model.clone(flow_map=True, gate_value=gate_value, deltatime_type=deltatime_type)
+    params = dict(params)
+    ce = dict(params["condition_embedder"])
+    ce["delta_embedder"] = jax.tree_util.tree_map(jnp.copy, ce["time_embedder"])
+    params["condition_embedder"] = ce
+    return student, params

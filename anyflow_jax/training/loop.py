@@ -1,41 +1,55 @@
-"""The training loop behind ``python -m anyflow_jax.train``: validate, build, resume, run.
+"""The training loop behind ``python -m anyflow_jax.train``, in four named phases.
 
-Order of work: the config is validated before anything is compiled; networks are loaded from
-their named starting checkpoints; the train state is restored from the workdir when it has a
-checkpoint (onto the current mesh, whatever device count it was saved on) or initialised
-directly sharded; each stage's step is one ``jax.jit`` with explicit in/out shardings and the
-state donated, compiled ahead of time with its memory analysis logged; then the loop runs with
-periodic metrics, checkpoints, a stop on a non-finite loss and a clean save on SIGTERM.
+1. :func:`build_run`: the config is read once into a typed :class:`~anyflow_jax.config.RunConfig`
+   (every mistake is reported before anything is loaded or compiled), the mesh is built, the
+   networks come from their starting checkpoints (or, when resuming, from the workdir's
+   ``run.json``), and the optimizers, step functions and shardings are derived from the stage's
+   registry record.
+2. :func:`restore_or_init`: the train state is restored from the workdir's latest checkpoint
+   (onto the current mesh, whatever device count it was saved on) or initialised directly
+   sharded (``jax.jit(init, out_shardings=...)``).
+3. :func:`compile_steps`: each step is one ``jax.jit`` with explicit in/out shardings and the
+   state donated, compiled ahead of time with its memory analysis logged.
+4. :func:`run_loop`: periodic metrics, checkpoints, a stop on a non-finite loss (checked one step
+   late, so the host never waits for the device except at log and checkpoint steps) and a clean
+   save on SIGTERM.
+
+Nothing here depends on which stage runs: the stage's record (:mod:`anyflow_jax.stages`) says
+which networks it needs and supplies the objective.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from anyflow_jax import config as config_lib
 from anyflow_jax import data as data_lib
-from anyflow_jax import fileio
-from anyflow_jax import metrics as metrics_lib
-from anyflow_jax import parallel
-from anyflow_jax.losses import onpolicy_critic_loss
-from anyflow_jax.models.wan import WanTransformer3D
-from anyflow_jax.training import checkpointing as ckpt_lib
-from anyflow_jax.training import optim, stages
-from anyflow_jax.training.checkpointing import RunError
+from anyflow_jax import fileio, parallel
+from anyflow_jax.checkpoints import runs as run_files
+from anyflow_jax.config import RunConfig
+from anyflow_jax.errors import RunError
+from anyflow_jax.models.wan import WanTransformer3D, make_flow_map_student
+from anyflow_jax.stages import Stage
+from anyflow_jax.training import optim, steps
+from anyflow_jax.training import writers as writers_lib
+from anyflow_jax.training.run_checkpoints import RunCheckpointer
 from anyflow_jax.training.state import TrainState, new_rng, opt_state_shardings
 
 log = logging.getLogger("anyflow_jax.train")
 
 _RUNTIME = ("dtype", "attention_impl", "scan_layers", "remat_policy")
 _FLOW_MAP_FIELDS = ("gate_value", "deltatime_type")
+PARAMETERS_FILE = "parameters.txt"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,73 +64,47 @@ def host_value(x) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- config
-def _get(cfg, dotted, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        if node is None or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def validate_config(config: ml_collections.ConfigDict, *, process_count: int | None = None) -> None:
-    """Fail before any compilation, naming the field, on a config that cannot run."""
-    stage = stages.check_stage(config.get("stage"))
-    for field in ("train.steps", "data.global_batch_size", "optim.lr"):
-        if _get(config, field) is None:
-            raise RunError(f"config.{field} is required")
-    if int(config.train.steps) < 1:
-        raise RunError(f"config.train.steps must be >= 1, got {config.train.steps}")
-    gbs = int(config.data.global_batch_size)
+def validate_config(config, *, process_count: int | None = None) -> RunConfig:
+    """Read ``config`` into a :class:`RunConfig` and check it against the devices; fail before
+    any compilation, naming the field."""
+    cfg = config if isinstance(config, RunConfig) else config_lib.parse(config)
     pc = process_count or jax.process_count()
-    data_axes, _ = _mesh_sizes(config, pc)
-    if gbs < 1 or gbs % data_axes:
+    data_axes, _ = _mesh_sizes(cfg, pc)
+    gbs = cfg.data.global_batch_size
+    if gbs % data_axes:
         raise RunError(f"config.data.global_batch_size={gbs} is not divisible by the data axes "
                        f"(data x fsdp = {data_axes})")
-    pc = process_count or jax.process_count()
     if gbs % pc:
         raise RunError(f"config.data.global_batch_size={gbs} is not divisible by the {pc} processes")
-    stages.check_loss_options(stage, config.get("loss") or {})
-    if stage == "on_policy":
-        stages.check_loss_options(stage, config.get("critic_loss") or {}, "config.critic_loss", onpolicy_critic_loss)
-        if int(_get(config, "train.critic_update_ratio", 1)) < 1:
-            raise RunError("config.train.critic_update_ratio must be >= 1")
-    if stage != "teacher" and not _get(config, "init.student"):
-        raise RunError(f"config.init.student is empty: stage {stage!r} starts from a checkpoint "
-                       "(a previous stage's workdir, an Orbax model checkpoint or a diffusers folder)")
-    if stages.NEEDS_TEACHER[stage] and not _get(config, "init.teacher"):
-        raise RunError(f"config.init.teacher is empty: stage {stage!r} needs a frozen teacher checkpoint")
-    src = _get(config, "data.source", "moving_digits")
-    if src not in ("moving_digits", "array_record"):
-        raise RunError(f"config.data.source={src!r}: expected 'moving_digits' or 'array_record'")
-    for name in ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
-        if int(_get(config, name, 1)) < 1:
-            raise RunError(f"config.{name} must be >= 1")
+    return cfg
 
 
-def _mesh_sizes(config, process_count: int) -> tuple[int, tuple[int, int, int]]:
-    m = config.get("mesh") or {}
+def _mesh_sizes(cfg: RunConfig, process_count: int) -> tuple[int, tuple[int, int, int]]:
+    m = cfg.mesh
     try:
-        sizes = parallel.resolve_mesh_shape(int(m.get("data", 1)), int(m.get("fsdp", -1)), int(m.get("tensor", 1)),
-                                            jax.device_count(), allow_subset=process_count == 1)
+        sizes = parallel.resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count(),
+                                            allow_subset=process_count == 1)
     except ValueError as e:
         raise RunError(f"config.mesh: {e}") from None
     return sizes[0] * sizes[1], sizes
 
 
-def _runtime(config) -> dict[str, Any]:
-    m = config.get("model") or {}
-    out = {k: m[k] for k in _RUNTIME if k in m}
+def _runtime(cfg: RunConfig) -> dict[str, Any]:
+    out = {k: cfg.model[k] for k in _RUNTIME if k in cfg.model}
     if isinstance(out.get("dtype"), str):
         out["dtype"] = jnp.dtype(out["dtype"])
     return out
 
 
-def _check_architecture(config, model: WanTransformer3D, what: str) -> None:
-    """Architecture fields set in config.model must equal the loaded checkpoint's."""
-    m = (config.get("model") or {})
-    have = model.to_config()
-    for k, v in m.items():
+def _architecture(cfg: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.model.items() if k not in _RUNTIME and k != "flow_map"}
+
+
+def _check_architecture(cfg: RunConfig, model: WanTransformer3D | dict, what: str) -> None:
+    """Architecture fields set in config.model must equal the loaded checkpoint's (a model or
+    its ``to_config()`` dict)."""
+    have = model if isinstance(model, dict) else model.to_config()
+    for k, v in cfg.model.items():
         if k in _RUNTIME or k in _FLOW_MAP_FIELDS or k not in have:
             continue
         want = list(v) if isinstance(v, (tuple, list)) else v
@@ -125,89 +113,100 @@ def _check_architecture(config, model: WanTransformer3D, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- networks
-def build_networks(config):
-    """(student, student_params, teacher, teacher_params, critic_params, notes)."""
-    stage = config.stage
-    runtime = _runtime(config)
-    notes = []
-    init_path = _get(config, "init.student", "")
-    use_ema = bool(_get(config, "init.use_ema", True))
-    if stage == "teacher" and not init_path:
-        arch = {k: v for k, v in (config.get("model") or {}).items() if k not in _RUNTIME}
-        arch.pop("flow_map", None)
-        student = WanTransformer3D.from_config(arch, **runtime)
-        params = student.init_params(jax.random.key(int(config.get("seed", 0))))
-        notes.append("student: random init")
+@dataclasses.dataclass
+class Networks:
+    """The networks of a run before they are placed on the mesh.
+
+    ``student_params`` is a host/single-device tree, or ``None`` with ``student_init`` (a
+    function of no arguments returning fresh parameters, run sharded) or when resuming.
+    """
+    student: WanTransformer3D
+    student_params: Any = None
+    student_init: Callable[[], Any] | None = None
+    teacher: WanTransformer3D | None = None
+    teacher_params: Any = None
+    critic_params: Any = None  # start of the critic (None when resuming)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _load(path: str, cfg: RunConfig, field: str):
+    return run_files.load_start(path, runtime=_runtime(cfg), use_ema=cfg.init.use_ema, field=field)
+
+
+def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None) -> Networks:
+    """The student (from its starting point, random init, or the resumed run's ``run.json``),
+    the frozen teacher and the critic's starting point, as the stage's record asks."""
+    cfg = cfg if isinstance(cfg, RunConfig) else config_lib.parse(cfg)
+    record = cfg.record
+    runtime = _runtime(cfg)
+    if resume_meta is not None:
+        student = WanTransformer3D.from_config(resume_meta["model"], **runtime)
+        _check_architecture(cfg, student, "the workdir's run")
+        nets = Networks(student=student)
+    elif not cfg.init.student:
+        student = WanTransformer3D.from_config(_architecture(cfg), **runtime)
+        key = jax.random.key(cfg.seed)
+        nets = Networks(student=student, student_init=lambda: student.init_params(key), notes=["student: random init"])
     else:
-        student, params, desc = ckpt_lib.load_start(init_path, runtime=runtime, use_ema=use_ema,
-                                                     field="config.init.student")
-        _check_architecture(config, student, "config.init.student")
-        notes.append(f"student: {desc}")
-    want_fm = stages.STUDENT_IS_FLOW_MAP[stage]
-    if want_fm and not student.flow_map:
-        m = config.get("model") or {}
-        student, params = ckpt_lib.make_flow_map_student(
-            student, params, gate_value=float(m.get("gate_value", 0.25)), deltatime_type=m.get("deltatime_type", "r"))
-        notes.append("student: new flow-map student (delta embedder copied from the time embedder)")
-    if not want_fm and student.flow_map:
-        raise RunError(f"incompatible checkpoint: stage {stage!r} trains a single-time model but "
+        student, params, desc = _load(cfg.init.student, cfg, "config.init.student")
+        _check_architecture(cfg, student, "config.init.student")
+        nets = Networks(student=student, student_params=params, notes=[f"student: {desc}"])
+    if record.student_is_flow_map and not nets.student.flow_map:
+        if resume_meta is not None or nets.student_params is None:
+            raise RunError(f"incompatible checkpoint: stage {record.name!r} trains a flow-map student")
+        nets.student, nets.student_params = make_flow_map_student(
+            nets.student, nets.student_params, gate_value=float(cfg.model.get("gate_value", 0.25)),
+            deltatime_type=cfg.model.get("deltatime_type", "r"))
+        nets.notes.append("student: new flow-map student (delta embedder copied from the time embedder)")
+    if not record.student_is_flow_map and nets.student.flow_map:
+        raise RunError(f"incompatible checkpoint: stage {record.name!r} trains a single-time model but "
                        f"config.init.student is a flow-map student")
-    teacher = teacher_params = critic_params = None
-    if stages.NEEDS_TEACHER[stage]:
-        teacher, teacher_params, desc = ckpt_lib.load_start(_get(config, "init.teacher"), runtime=runtime,
-                                                             use_ema=use_ema, field="config.init.teacher")
+    if record.needs_teacher or record.has_critic:
+        teacher, teacher_params, desc = _load(cfg.init.teacher, cfg, "config.init.teacher")
         if teacher.flow_map:
             raise RunError("incompatible checkpoint: config.init.teacher is a flow-map student, not a teacher")
-        notes.append(f"teacher: {desc}")
-        if stage == "on_policy":
-            critic_path = _get(config, "init.critic", "")
-            if critic_path:
-                critic, critic_params, desc = ckpt_lib.load_start(critic_path, runtime=runtime, use_ema=use_ema,
-                                                                   field="config.init.critic")
+        nets.teacher, nets.teacher_params = teacher, teacher_params
+        nets.notes.append(f"teacher: {desc}")
+        if record.has_critic and resume_meta is None:
+            if cfg.init.critic:
+                critic, nets.critic_params, desc = _load(cfg.init.critic, cfg, "config.init.critic")
                 if critic.to_config() != teacher.to_config():
                     raise RunError("incompatible checkpoint: config.init.critic differs from the teacher architecture")
-                notes.append(f"critic: {desc}")
+                nets.notes.append(f"critic: {desc}")
             else:
-                critic_params = jax.tree_util.tree_map(jnp.copy, teacher_params)
-                notes.append("critic: copy of the teacher")
-    return student, params, teacher, teacher_params, critic_params, notes
+                nets.critic_params = jax.tree_util.tree_map(jnp.copy, teacher_params)
+                nets.notes.append("critic: copy of the teacher")
+    return nets
 
 
 # ----------------------------------------------------------------------------------- data
-def build_data(config, *, process_index: int, process_count: int):
-    d = config.data
-    if d.get("source", "moving_digits") == "moving_digits":
+def build_data(cfg: RunConfig, *, process_index: int, process_count: int):
+    """``(source, iterator, negative context)`` of the run's data config."""
+    d = cfg.data
+    if d.source == "moving_digits":
         source = data_lib.MovingDigitsSource(
-            int(d.get("num_samples", 8192)), seed=int(d.get("seed", 0)), split=d.get("split", "train"),
-            video_shape=(int(d.num_frames), int(d.height), int(d.width), 1),
-            context_length=int(d.context_length), text_dim=int(d.text_dim))
+            d.num_samples, seed=d.seed, split=d.split, video_shape=(d.num_frames, d.height, d.width, 1),
+            context_length=d.context_length, text_dim=d.text_dim)
         neg = source.negative_context
     else:
-        if not d.get("paths"):
+        if not d.paths:
             raise RunError("config.data.paths is empty for source 'array_record'")
-        source = data_lib.ArrayRecordLatentSource(list(d.paths))
-        if not d.get("negative_embedding"):
+        if not d.negative_embedding:
             raise RunError("config.data.negative_embedding (a .npy file of the negative prompt embedding) is required")
+        source = data_lib.ArrayRecordLatentSource(list(d.paths))
         neg = np.load(d.negative_embedding)
         if neg.ndim == 2:
             neg = neg[None]
-    it = data_lib.make_train_iterator(source, global_batch_size=int(d.global_batch_size),
-                                      seed=int(d.get("seed", config.get("seed", 0))), process_index=process_index,
-                                      process_count=process_count, worker_count=int(d.get("worker_count", 0)))
+    it = data_lib.make_train_iterator(source, global_batch_size=d.global_batch_size, seed=d.seed,
+                                      process_index=process_index, process_count=process_count,
+                                      worker_count=d.worker_count)
     return source, it, np.asarray(neg, np.float32)
 
 
-# ----------------------------------------------------------------------------------- main
-def _writable(workdir: str) -> None:
-    try:
-        fileio.ensure_writable_dir(workdir)
-    except OSError as e:
-        raise RunError(f"workdir {e}") from None
-
-
-def _run_meta(config, student, stage):
-    return {"stage": stage, "model": student.to_config(), "scan_layers": student.scan_layers,
-            "config": config.to_dict()}
+# ----------------------------------------------------------------------------------- the run
+def _run_meta(cfg: RunConfig, config: Any, student: WanTransformer3D) -> dict:
+    raw = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(cfg)
+    return {"stage": cfg.stage, "model": student.to_config(), "scan_layers": student.scan_layers, "config": raw}
 
 
 def _check_resume_compatible(existing: dict, new: dict, workdir: str) -> None:
@@ -226,10 +225,229 @@ def _check_resume_compatible(existing: dict, new: dict, workdir: str) -> None:
                        f"{existing.get('scan_layers')}, the config gives {new['scan_layers']}")
 
 
-def _opt_kwargs(cfg) -> dict:
-    return dict(lr=float(cfg.lr), b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                weight_decay=float(cfg.get("weight_decay", 0.0)), eps=float(cfg.get("eps", 1e-8)),
-                warmup_steps=int(cfg.get("warmup_steps", 0)), grad_clip=float(cfg.get("grad_clip", 1.0)))
+@dataclasses.dataclass
+class Run:
+    """Everything a run needs besides its train state: config, mesh, networks, step spec,
+    shardings, data, checkpointer and metric writer."""
+    cfg: RunConfig
+    record: Stage
+    workdir: str
+    mesh: Any
+    nets: Networks
+    spec: steps.StepSpec
+    state_shardings: TrainState
+    teacher_shardings: Any
+    replicated: Any
+    ckpt: RunCheckpointer
+    writer: Any
+    data_iterator: Any
+    negative: Any
+    latest_step: int | None
+
+    def next_batch(self):
+        local = next(self.data_iterator)
+        g = data_lib.global_batch({"x0": local["latents"], "context": local["context"]}, self.mesh)
+        g["neg_context"] = self.negative
+        return g
+
+    def close(self):
+        self.ckpt.close()
+        self.writer.flush()
+        self.writer.close()
+
+
+def _abstract(tree, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _unboxed_abstract(model: WanTransformer3D):
+    from flax import linen as nn
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                  nn.meta.unbox(model.abstract_params()))
+
+
+def _check_unsharded(cfg: RunConfig, abstract_params, shardings, mesh) -> None:
+    """Fail when more than ``train.max_unsharded_fraction`` of the parameters would be
+    replicated over a mesh that shards parameters (a forgotten logical rule)."""
+    if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+        return
+    total = rep = 0
+    for leaf, s in zip(jax.tree_util.tree_leaves(abstract_params), jax.tree_util.tree_leaves(shardings)):
+        n = int(np.prod(leaf.shape))
+        total += n
+        rep += n if all(a is None for a in s.spec) else 0
+    frac = rep / max(total, 1)
+    log.info("parameters replicated on every device: %.2f%% of %s", 100 * frac, f"{total:,}")
+    if frac > cfg.train.max_unsharded_fraction:
+        raise RunError(f"{100 * frac:.1f}% of the parameters are replicated on the mesh {dict(mesh.shape)}, more "
+                       f"than config.train.max_unsharded_fraction={cfg.train.max_unsharded_fraction} "
+                       f"(a logical axis without a sharding rule?)")
+
+
+def build_run(config, workdir: str) -> Run:
+    """Phase 1: validate, build the mesh and networks, derive the step spec and shardings."""
+    cfg = validate_config(config)
+    record = cfg.record
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        fileio.ensure_writable_dir(workdir)
+    except OSError as e:
+        raise RunError(f"workdir {e}") from None
+    pid, pcount = jax.process_index(), jax.process_count()
+
+    ckpt = RunCheckpointer(workdir, max_to_keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpointing)
+    latest = ckpt.latest_step()
+    existing = run_files.read_run_file(workdir)
+    resume_meta = existing if (latest is not None and existing is not None) else None
+    if resume_meta is not None and resume_meta.get("stage") != cfg.stage:
+        ckpt.close()
+        raise RunError(f"incompatible checkpoint: workdir {workdir} holds a {resume_meta.get('stage')!r} run, "
+                       f"config.stage is {cfg.stage!r}")
+    if resume_meta is not None:
+        try:
+            _check_architecture(cfg, resume_meta.get("model", {}), "the workdir's run")
+        except RunError:
+            ckpt.close()
+            raise
+    if latest is not None and latest >= cfg.train.steps:
+        return Run(cfg=cfg, record=record, workdir=workdir, mesh=None, nets=None, spec=None, state_shardings=None,
+                   teacher_shardings=None, replicated=None, ckpt=ckpt, writer=writers_lib.NullWriter(),
+                   data_iterator=None, negative=None, latest_step=latest)
+
+    _, sizes = _mesh_sizes(cfg, pcount)
+    mesh = parallel.make_mesh(*sizes, allow_subset=pcount == 1)
+    if mesh.devices.size < jax.device_count():
+        log.warning("the mesh %s uses %d of %d devices", dict(mesh.shape), mesh.devices.size, jax.device_count())
+    rules = parallel.DEFAULT_RULES
+
+    try:
+        nets = build_networks(cfg, resume_meta=resume_meta)
+        meta = _run_meta(cfg, config, nets.student)
+        if existing is not None and resume_meta is None:
+            _check_resume_compatible(existing, meta, workdir)
+        if resume_meta is not None and resume_meta.get("scan_layers") != nets.student.scan_layers:
+            raise RunError(f"incompatible checkpoint: workdir {workdir} was trained with scan_layers="
+                           f"{resume_meta.get('scan_layers')}, the config gives {nets.student.scan_layers}")
+    except BaseException:
+        ckpt.close()
+        raise
+    if pid == 0:
+        run_files.write_run_file(workdir, meta)
+    for n in nets.notes:
+        log.info(n)
+
+    # optimizers, masks and the step spec
+    abstract_params = _unboxed_abstract(nets.student)
+    mask = optim.trainable_mask(abstract_params, list(cfg.optim.trainable_patterns))
+    tx = optim.make_optimizer(**cfg.optim.optimizer_kwargs(), mask=mask)
+    critic_tx = critic_mask = None
+    if record.has_critic:
+        critic_mask = optim.trainable_mask(_unboxed_abstract(nets.teacher), list(cfg.critic_optim.trainable_patterns))
+        critic_tx = optim.make_optimizer(**cfg.critic_optim.optimizer_kwargs(), mask=critic_mask)
+    spec = steps.StepSpec(
+        stage=record, student=nets.student, teacher=nets.teacher, loss_options=cfg.loss,
+        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
+        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
+        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
+        critic_update_ratio=cfg.train.critic_update_ratio)
+
+    # shardings
+    rep = parallel.replicated(mesh)
+    p_sh = parallel.param_shardings(nets.student.abstract_params(), mesh, rules)
+    _check_unsharded(cfg, abstract_params, p_sh, mesh)
+    t_sh = parallel.param_shardings(nets.teacher.abstract_params(), mesh, rules) if nets.teacher is not None else None
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    abstract_copt = jax.eval_shape(critic_tx.init, _unboxed_abstract(nets.teacher)) if critic_tx is not None else None
+    state_sh = TrainState(
+        step=rep, rng=rep, params=p_sh, ema_params=p_sh, opt_state=opt_state_shardings(abstract_opt, p_sh, mesh),
+        critic_params=t_sh if record.has_critic else None,
+        critic_opt_state=opt_state_shardings(abstract_copt, t_sh, mesh) if abstract_copt is not None else None)
+
+    _, data_it, neg = build_data(cfg, process_index=pid, process_count=pcount)
+    writer = writers_lib.create_writer(workdir, process_index=pid, tensorboard=cfg.train.tensorboard)
+    return Run(cfg=cfg, record=record, workdir=workdir, mesh=mesh, nets=nets, spec=spec, state_shardings=state_sh,
+               teacher_shardings=t_sh, replicated=rep, ckpt=ckpt, writer=writer, data_iterator=data_it,
+               negative=jax.device_put(jnp.asarray(neg), rep), latest_step=latest)
+
+
+def abstract_state(run: Run) -> TrainState:
+    """The train state as ``jax.ShapeDtypeStruct``s with the run's shardings."""
+    sh, rep = run.state_shardings, run.replicated
+    params = _unboxed_abstract(run.nets.student)
+    abstract_opt = jax.eval_shape(run.spec.tx.init, params)
+    critic = copt = None
+    if run.record.has_critic:
+        critic = _unboxed_abstract(run.nets.teacher)
+        copt = _abstract(jax.eval_shape(run.spec.critic_tx.init, critic), sh.critic_opt_state)
+        critic = _abstract(critic, sh.critic_params)
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+                      params=_abstract(params, sh.params), ema_params=_abstract(params, sh.ema_params),
+                      opt_state=_abstract(abstract_opt, sh.opt_state), critic_params=critic, critic_opt_state=copt)
+
+
+def restore_or_init(run: Run) -> TrainState:
+    """Phase 2: the workdir's latest checkpoint on the current mesh, or a new state created
+    directly sharded."""
+    target = abstract_state(run)
+    if run.latest_step is not None:
+        try:
+            state = run.ckpt.restore(run.latest_step, target, run.data_iterator)
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunError(f"incompatible checkpoint: cannot restore {run.ckpt.directory}/{run.latest_step} into "
+                           f"this config's train state: {e}") from None
+        log.info("resumed from %s step %d on %d devices", run.ckpt.directory, run.latest_step, jax.device_count())
+        return state
+    sh, nets = run.state_shardings, run.nets
+    f32 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
+    if nets.student_init is not None:
+        init = nets.student_init
+        params = jax.jit(lambda: f32(init()), out_shardings=sh.params)()
+    else:
+        params = jax.device_put(f32(nets.student_params), sh.params)
+    ema = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=sh.ema_params)(params)
+    opt_state = jax.jit(run.spec.tx.init, out_shardings=sh.opt_state)(params)
+    cparams = copt = None
+    if run.record.has_critic:
+        cparams = jax.device_put(f32(nets.critic_params), sh.critic_params)
+        copt = jax.jit(run.spec.critic_tx.init, out_shardings=sh.critic_opt_state)(cparams)
+    nets.student_params = nets.critic_params = None  # the state owns them now
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
+                      rng=jax.device_put(new_rng(run.cfg.seed), run.replicated),
+                      params=params, ema_params=ema, opt_state=opt_state, critic_params=cparams, critic_opt_state=copt)
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+    generator: Any
+    critic: Any = None
+
+
+def compile_steps(run: Run, state: TrainState, frozen, probe) -> CompiledSteps:
+    """Phase 3: every step of the stage as one ``jax.jit`` with explicit shardings and the state
+    donated, compiled ahead of time (its memory analysis is logged)."""
+    sh, t_sh, rep = run.state_shardings, run.teacher_shardings, run.replicated
+    batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, probe)
+    abstract_batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), probe)
+    abstract_frozen = _abstract(frozen, t_sh) if frozen is not None else None
+    abstract = _abstract(state, sh)
+    frozen_sh = t_sh if frozen is not None else None
+    out = CompiledSteps(generator=None)
+    with jax.set_mesh(run.mesh):
+        t0 = time.perf_counter()
+        out.generator = jax.jit(steps.make_generator_step(run.spec), in_shardings=(sh, frozen_sh, batch_sh),
+                                out_shardings=(sh, rep), donate_argnums=(0,)
+                                ).lower(abstract, abstract_frozen, abstract_batch).compile()
+        log.info("compiled the %s step in %.1fs; memory: %s", run.record.name, time.perf_counter() - t0,
+                 _memory_summary(out.generator))
+        if run.record.has_critic:
+            t0 = time.perf_counter()
+            out.critic = jax.jit(steps.make_critic_step(run.spec), in_shardings=(sh, frozen_sh, batch_sh),
+                                 out_shardings=(sh, rep), donate_argnums=(0,)
+                                 ).lower(abstract, abstract_frozen, abstract_batch).compile()
+            log.info("compiled the critic step in %.1fs; memory: %s", time.perf_counter() - t0,
+                     _memory_summary(out.critic))
+    return out
 
 
 class _Sigterm:
@@ -253,188 +471,97 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Run (or resume) the stage in ``config`` in ``workdir``; returns the last metrics."""
-    validate_config(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    _writable(workdir)
-    stage = config.stage
-    pid, pcount = jax.process_index(), jax.process_count()
-    writer = metrics_lib.create_writer(workdir, process_index=pid,
-                                       tensorboard=bool(_get(config, "train.tensorboard", True)))
-
-    _, sizes = _mesh_sizes(config, pcount)
-    mesh = parallel.make_mesh(*sizes, allow_subset=pcount == 1)
-    if mesh.devices.size < jax.device_count():
-        log.warning("the mesh %s uses %d of %d devices", dict(mesh.shape), mesh.devices.size, jax.device_count())
-    rules = parallel.DEFAULT_RULES
-
-    student, student_params, teacher, teacher_params, critic_params, notes = build_networks(config)
-    meta = _run_meta(config, student, stage)
-    existing = ckpt_lib.read_run_file(workdir)
-    if existing is not None:
-        _check_resume_compatible(existing, meta, workdir)
-    if pid == 0:
-        ckpt_lib.write_run_file(workdir, meta)
-    for n in notes:
-        log.info(n)
-
-    # optimizers and masks
-    mask = optim.trainable_mask(student_params, list(_get(config, "optim.trainable_patterns", []) or []))
-    opt_kw = _opt_kwargs(config.optim)
-    tx = optim.make_optimizer(**opt_kw, mask=mask)
-    lr_fn = optim.lr_schedule(opt_kw["lr"], opt_kw["warmup_steps"])
-    critic_tx = critic_mask = None
-    if stage == "on_policy":
-        ccfg = config.get("critic_optim") or config.optim
-        critic_mask = optim.trainable_mask(critic_params, list(ccfg.get("trainable_patterns", []) or []))
-        critic_tx = optim.make_optimizer(**_opt_kwargs(ccfg), mask=critic_mask)
-    spec = stages.StageSpec(
-        stage=stage, student=student, teacher=teacher,
-        loss_options=stages.check_loss_options(stage, config.get("loss") or {}),
-        critic_loss_options=(stages.check_loss_options(stage, config.get("critic_loss") or {}, "config.critic_loss",
-                                                       onpolicy_critic_loss) if stage == "on_policy" else {}),
-        tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
-        ema_decay=float(_get(config, "ema.decay", 0.999)), ema_warmup_steps=int(_get(config, "ema.warmup_steps", 0)),
-        lr_fn=lr_fn, critic_update_ratio=int(_get(config, "train.critic_update_ratio", 1)))
-
-    # shardings
-    rep = parallel.replicated(mesh)
-    p_sh = parallel.param_shardings(student.abstract_params(), mesh, rules)
-    t_sh = parallel.param_shardings(teacher.abstract_params(), mesh, rules) if teacher is not None else None
-    abstract_opt = jax.eval_shape(tx.init, student_params)
-    abstract_copt = jax.eval_shape(critic_tx.init, critic_params) if critic_tx is not None else None
-    state_sh = TrainState(
-        step=rep, rng=rep, params=p_sh, ema_params=p_sh, opt_state=opt_state_shardings(abstract_opt, p_sh, mesh),
-        critic_params=t_sh if stage == "on_policy" else None,
-        critic_opt_state=opt_state_shardings(abstract_copt, t_sh, mesh) if abstract_copt is not None else None)
-
-    # data
-    source, data_it, neg = build_data(config, process_index=pid, process_count=pcount)
-
-    def next_batch():
-        local = next(data_it)
-        g = data_lib.global_batch({"x0": local["latents"], "context": local["context"]}, mesh)
-        g["neg_context"] = neg_global
-        return g
-
-    neg_global = jax.device_put(jnp.asarray(neg), rep)
-
-    # state: resume or init
-    ckpt = ckpt_lib.RunCheckpointer(workdir, max_to_keep=int(_get(config, "train.keep_checkpoints", 3)),
-                                    async_save=bool(_get(config, "train.async_checkpointing", True)))
-    params_dtype = jnp.float32
-
-    def to_abstract(tree, sh):
-        return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-
-    abstract_params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, params_dtype), student_params)
-    abstract_state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-        params=to_abstract(abstract_params, p_sh), ema_params=to_abstract(abstract_params, p_sh),
-        opt_state=to_abstract(abstract_opt, state_sh.opt_state),
-        critic_params=to_abstract(critic_params, t_sh) if stage == "on_policy" else None,
-        critic_opt_state=to_abstract(abstract_copt, state_sh.critic_opt_state) if abstract_copt is not None else None)
-    latest = ckpt.latest_step()
-    if latest is not None and latest >= int(config.train.steps):
-        log.info("nothing to do: %s is already at step %d of %d", workdir, latest, int(config.train.steps))
-        ckpt.close()
-        writer.close()
-        return {"step": latest}
-    if latest is not None:
-        try:
-            state = ckpt.restore(latest, abstract_state, data_it)
-        except (ValueError, KeyError, TypeError) as e:
-            raise RunError(f"incompatible checkpoint: cannot restore {ckpt.directory}/{latest} into this config's "
-                           f"train state: {e}") from None
-        log.info("resumed from %s step %d on %d devices", ckpt.directory, latest, jax.device_count())
-    else:
-        params = jax.device_put(jax.tree_util.tree_map(lambda x: jnp.asarray(x, params_dtype), student_params), p_sh)
-        ema = jax.tree_util.tree_map(jnp.copy, params)
-        opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
-        cparams = copt = None
-        if stage == "on_policy":
-            cparams = jax.device_put(jax.tree_util.tree_map(lambda x: jnp.asarray(x, params_dtype), critic_params), t_sh)
-            copt = jax.jit(critic_tx.init, out_shardings=state_sh.critic_opt_state)(cparams)
-        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep),
-                           rng=jax.device_put(new_rng(int(config.get("seed", 0))), rep),
-                           params=params, ema_params=ema, opt_state=opt_state, critic_params=cparams,
-                           critic_opt_state=copt)
-    frozen = jax.device_put(teacher_params, t_sh) if stage in ("on_policy", "consistency") else None
-    del student_params, teacher_params, critic_params
-
-    if pid == 0:
-        log.info("parameters of the trained network:\n%s", metrics_lib.parameter_overview(state.params, mask=mask))
-
-    # jit + AOT compile
-    probe = next_batch()
-    batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, probe)
-    abstract_batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), probe)
-    abstract_frozen = to_abstract(frozen, t_sh) if frozen is not None else None
-    gen_jit = jax.jit(stages.make_generator_step(spec), in_shardings=(state_sh, t_sh if frozen is not None else None, batch_sh),
-                      out_shardings=(state_sh, rep), donate_argnums=(0,))
-    abstract_state_sh = to_abstract(state, state_sh)
-    with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        gen_step = gen_jit.lower(abstract_state_sh, abstract_frozen, abstract_batch).compile()
-        log.info("compiled the %s step in %.1fs; memory: %s", stage, time.perf_counter() - t0,
-                 _memory_summary(gen_step))
-        critic_step = None
-        if stage == "on_policy":
-            critic_jit = jax.jit(stages.make_critic_step(spec), in_shardings=(state_sh, batch_sh),
-                                 out_shardings=(state_sh, rep), donate_argnums=(0,))
-            critic_step = critic_jit.lower(abstract_state_sh, abstract_batch).compile()
-            log.info("compiled the critic step; memory: %s", _memory_summary(critic_step))
-
-    total = int(config.train.steps)
-    log_every = int(_get(config, "train.log_every", 10))
-    ckpt_every = int(_get(config, "train.checkpoint_every", 1000))
-    ratio = spec.critic_update_ratio
+def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first_batch) -> dict[str, float]:
+    """Phase 4: train to ``train.steps``; returns the last logged metrics."""
+    cfg = run.cfg
+    total, log_every, ckpt_every = cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every
+    ratio = cfg.train.critic_update_ratio
+    critic_counts = run.record.steps_per_update == "critic"
     step = int(host_value(state.step))
-    progress = metrics_lib.Progress(total, start_step=step)
-    pending = [probe]
+    progress = writers_lib.Progress(total, start_step=step)
+    pending_batches = [first_batch]
     last: dict[str, float] = {}
+    unchecked: tuple[int, str, Any] | None = None  # (step, metric name, device scalar) not read yet
 
     def take():
-        return pending.pop() if pending else next_batch()
+        return pending_batches.pop() if pending_batches else run.next_batch()
 
-    with _Sigterm() as sig, jax.set_mesh(mesh):
+    def check(item) -> None:
+        at, name, value = item
+        loss = float(host_value(value))
+        if not math.isfinite(loss):
+            run.ckpt.wait()
+            good = run.ckpt.latest_step()
+            where = (f"The last good checkpoint is step {good} in {run.ckpt.directory}" if good is not None
+                     else "no checkpoint yet")
+            raise NonFiniteLoss(f"non-finite {name} ({loss}) at step {at}; stopping. {where}")
+
+    with _Sigterm() as sig, jax.set_mesh(run.mesh):
         while step < total:
             t_step = time.perf_counter()
             out: dict[str, Any] = {}
-            if stage != "on_policy" or step % ratio == 0:
-                state, gm = gen_step(state, frozen, take())
+            if not critic_counts or step % ratio == 0:
+                state, gm = compiled.generator(state, frozen, take())
                 out.update(gm)
-            if critic_step is not None:
-                state, cm = critic_step(state, take())
+            if compiled.critic is not None:
+                state, cm = compiled.critic(state, frozen, take())
                 out.update(cm)
             step += 1
+            # The loss of the previous step is read now, after this step was dispatched, so the
+            # host does not wait for the device every step.
+            if unchecked is not None:
+                check(unchecked)
             loss_key = "loss" if "loss" in out else "critic/loss"
-            loss = float(host_value(out[loss_key]))
-            if not math.isfinite(loss):
-                ckpt.wait()
-                good = ckpt.latest_step()
-                raise NonFiniteLoss(f"non-finite {loss_key} ({loss}) at step {step}; stopping. "
-                                    f"The last good checkpoint is step {good} in {ckpt.directory}"
-                                    if good is not None else
-                                    f"non-finite {loss_key} ({loss}) at step {step}; stopping (no checkpoint yet)")
+            unchecked = (step, loss_key, out[loss_key])
+            must_save = step % ckpt_every == 0 or step == total or sig.received
+            if step % log_every == 0 or step == total or must_save:
+                check(unchecked)  # never log or save a non-finite step
+                unchecked = None
             progress(step)
             if step % log_every == 0 or step == total:
                 scalars = {k: float(host_value(v)) for k, v in out.items() if np.ndim(v) == 0}
                 scalars["step_time_sec"] = time.perf_counter() - t_step
                 scalars.update(progress.summary(step))
-                writer.write_scalars(step, scalars)
+                run.writer.write_scalars(step, scalars)
                 last = dict(scalars, step=step)
-            if step % ckpt_every == 0 or step == total or sig.received:
-                ckpt.save(state, data_it)
+            if must_save:
+                run.ckpt.save(state, run.data_iterator)
             if sig.received:
-                ckpt.wait()
+                run.ckpt.wait()
                 log.warning("stopped by SIGTERM at step %d; checkpoint saved", step)
                 break
-    ckpt.close()
-    writer.flush()
-    writer.close()
     return last
+
+
+def _write_parameter_table(run: Run, state: TrainState) -> None:
+    text = writers_lib.parameter_overview(state.params, mask=run.spec.trainable_mask)
+    fileio.atomic_write_bytes(os.path.join(run.workdir, PARAMETERS_FILE), (text + "\n").encode())
+    trained = writers_lib.count_params(state.params, run.spec.trainable_mask)
+    total = writers_lib.count_params(state.params)
+    log.info("trained network: %s parameters, %s trainable (table: %s)", f"{total:,}", f"{trained:,}",
+             os.path.join(run.workdir, PARAMETERS_FILE))
+
+
+def train(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> dict[str, float]:
+    """Run (or resume) the stage in ``config`` in ``workdir``; returns the last metrics."""
+    run = build_run(config, workdir)
+    try:
+        if run.latest_step is not None and run.latest_step >= run.cfg.train.steps:
+            log.info("nothing to do: %s is already at step %d of %d", run.workdir, run.latest_step,
+                     run.cfg.train.steps)
+            return {"step": run.latest_step}
+        state = restore_or_init(run)
+        frozen = None
+        if run.record.needs_teacher:
+            frozen = jax.device_put(run.nets.teacher_params, run.teacher_shardings)
+        run.nets.teacher_params = None
+        if jax.process_index() == 0:
+            _write_parameter_table(run, state)
+        probe = run.next_batch()
+        compiled = compile_steps(run, state, frozen, probe)
+        return run_loop(run, state, compiled, frozen, probe)
+    finally:
+        run.close()
 
 
 def _memory_summary(compiled) -> str:

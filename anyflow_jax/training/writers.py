@@ -1,15 +1,20 @@
 """Metrics for the training loop: writers, progress (steps/s, ETA), parameter overview.
 
 CLU's ``metric_writers`` and ``periodic_actions`` import TensorFlow at import time, so this
-module never imports them at module level (importing ``anyflow_jax.metrics`` pulls in neither
-TensorFlow nor those CLU modules). :func:`create_writer` imports ``clu.metric_writers`` lazily;
-without TensorFlow it falls back to a console + JSON-lines writer of our own and says so once.
+module never imports them at module level (importing ``anyflow_jax.training.writers`` pulls in
+neither TensorFlow, nor those CLU modules, nor tensorboardX). :func:`create_writer` writes
+TensorBoard event files through ``clu.metric_writers`` (imported lazily) when TensorFlow is
+installed, and otherwise through :class:`TensorBoardWriter` (tensorboardX, pure Python, imported
+lazily); only if neither is available does it fall back to console + JSON lines and say so once.
+``metrics.jsonl`` is written in every case.
 :class:`Progress` replaces ``clu.periodic_actions.ReportProgress`` for the same reason.
 ``clu.parameter_overview`` does not need TensorFlow and is used directly, with a fallback.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -146,14 +151,89 @@ class MultiWriter(NullWriter):
             w.close()
 
 
-def _warn_fallback(reason: BaseException, workdir) -> None:
+_TB_FILE_IDS = itertools.count()  # makes event file names unique within a process
+
+
+class TensorBoardWriter(NullWriter):
+    """TensorBoard event files in ``workdir`` through ``tensorboardX.SummaryWriter`` (pure
+    Python, no TensorFlow; imported here, lazily, so an ImportError surfaces at construction).
+
+    Scalars are written with ``add_scalar`` (``simple_value``), texts with ``add_text`` and
+    hparams as hparams-plugin summaries in the same event file (as CLU does; values other than
+    str/bool/int/float are written as their ``str``). tensorboardX queues events to its own
+    background thread, which writes them to disk every ``flush_secs`` (so ``asynchronous`` of
+    :func:`create_writer` does not apply). Its own ``flush`` does not wait for that queue, so
+    :meth:`flush` closes the ``SummaryWriter`` (which drains the queue to disk) and the next
+    write opens a new event file. Event file names end in ``.<pid>.<n>``, unique per writer, as
+    tensorboardX names files by the second and would truncate a file of the same name.
+    """
+
+    def __init__(self, workdir, *, flush_secs: int = 120):
+        self._tbx = importlib.import_module("tensorboardX")
+        self.logdir = os.fspath(workdir)
+        self.flush_secs = int(flush_secs)
+        self._writer = None
+        self._get()  # the event file exists from the start; errors surface here
+
+    def _get(self):
+        if self._writer is None:
+            suffix = f".{os.getpid()}.{next(_TB_FILE_IDS)}"
+            self._writer = self._tbx.SummaryWriter(logdir=self.logdir, flush_secs=self.flush_secs,
+                                                   filename_suffix=suffix)
+        return self._writer
+
+    def write_scalars(self, step, scalars):
+        values = {str(k): float(_to_scalar(k, v)) for k, v in scalars.items()}
+        writer = self._get()
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, global_step=int(step))
+
+    def write_hparams(self, hparams):
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        def plain(v):
+            if isinstance(v, np.generic):
+                v = v.item()
+            return v if isinstance(v, (str, bool, int, float)) else str(v)
+
+        summaries = hparams_summaries({str(k): plain(v) for k, v in hparams.items()}, {})
+        file_writer = self._get()._get_file_writer()
+        for summary in summaries:  # experiment, session start, session end
+            file_writer.add_summary(summary)
+
+    def write_texts(self, step, texts):
+        writer = self._get()
+        for k, v in texts.items():
+            writer.add_text(str(k), str(v), global_step=int(step))
+
+    def flush(self):
+        self.close()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _tensorflow_installed() -> bool:
+    """Whether TensorFlow can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # e.g. a stub in sys.modules without __spec__
+        return False
+
+
+def _warn_fallback(reasons: list[str], workdir) -> None:
     global _FALLBACK_WARNED
     if _FALLBACK_WARNED:
         return
     _FALLBACK_WARNED = True
-    logger.warning("TensorBoard metrics disabled (clu.metric_writers unavailable: %s: %s); "
-                   "writing metrics to the console and %s", type(reason).__name__, reason,
-                   os.path.join(os.fspath(workdir), METRICS_FILE))
+    logger.warning("TensorBoard metrics disabled (%s); writing metrics to the console and %s",
+                   "; ".join(reasons), os.path.join(os.fspath(workdir), METRICS_FILE))
+
+
+def _reason(what: str, e: BaseException) -> str:
+    return f"{what} unavailable: {type(e).__name__}: {e}"
 
 
 def create_writer(workdir, *, process_index: int = 0, tensorboard: bool = True,
@@ -161,22 +241,37 @@ def create_writer(workdir, *, process_index: int = 0, tensorboard: bool = True,
     """The metric writer for a run in ``workdir``.
 
     Process 0: console + ``<workdir>/metrics.jsonl`` always; with ``tensorboard=True`` also
-    TensorBoard summaries through ``clu.metric_writers.create_default_writer`` (imported here,
-    lazily: it needs TensorFlow). If that import fails, one warning line names the reason and
-    the run continues with console + JSON lines. Other processes get a writer that writes
-    nothing (no files, no console lines). The result supports ``write_scalars(step, dict)``,
-    ``write_hparams(dict)``, ``write_texts(step, dict)``, ``flush()`` and ``close()``.
+    TensorBoard event files in ``workdir``: through ``clu.metric_writers.create_default_writer``
+    if TensorFlow is installed (checked with ``importlib.util.find_spec`` before CLU's writers
+    are imported, as they import TensorFlow), else through :class:`TensorBoardWriter`
+    (tensorboardX; ``asynchronous`` applies to CLU's writer only). If neither works, one warning
+    line per process names the reasons and the run continues with console + JSON lines.
+    ``tensorboard=False`` gives console + JSON lines without a warning. Other processes get a
+    writer that writes nothing (no files, no console lines). The
+    result supports ``write_scalars(step, dict)``, ``write_hparams(dict)``,
+    ``write_texts(step, dict)``, ``flush()`` and ``close()``.
     """
     if int(process_index) != 0:
         return NullWriter()
     writers: list[Any] = []
     if tensorboard:
-        try:
-            metric_writers = importlib.import_module("clu.metric_writers")
-            writers.append(metric_writers.create_default_writer(
-                os.fspath(workdir), just_logging=False, asynchronous=asynchronous))
-        except Exception as e:  # ImportError when TensorFlow is not installed
-            _warn_fallback(e, workdir)
+        reasons: list[str] = []
+        if _tensorflow_installed():
+            try:
+                metric_writers = importlib.import_module("clu.metric_writers")
+                writers.append(metric_writers.create_default_writer(
+                    os.fspath(workdir), just_logging=False, asynchronous=asynchronous))
+            except Exception as e:  # noqa: BLE001 - e.g. a broken TensorFlow install
+                reasons.append(_reason("clu.metric_writers", e))
+                logger.info("clu.metric_writers failed (%s: %s); trying tensorboardX", type(e).__name__, e)
+        else:
+            reasons.append("clu.metric_writers unavailable: TensorFlow is not installed")
+        if not writers:
+            try:
+                writers += [TensorBoardWriter(workdir), ConsoleWriter()]
+            except Exception as e:  # noqa: BLE001 - ImportError when tensorboardX is missing
+                reasons.append(_reason("tensorboardX", e))
+                _warn_fallback(reasons, workdir)
     if not writers:
         writers.append(ConsoleWriter())
     writers.append(JsonlWriter(workdir))
@@ -354,6 +449,7 @@ __all__ = [
     "create_writer",
     "NullWriter",
     "ConsoleWriter",
+    "TensorBoardWriter",
     "JsonlWriter",
     "MultiWriter",
     "Progress",

@@ -1,0 +1,91 @@
+"""Model checkpoints in Orbax format: a directory with ``model.json`` + ``params/``.
+
+``model.json`` holds the network's diffusers-style config (so the model can be rebuilt without
+the original checkpoint); ``params/`` is an Orbax ``StandardCheckpointer`` tree. This is what
+``tools/convert_checkpoint.py`` writes from a diffusers folder, and what a training stage can
+start from. Directories appear atomically (written to a temporary sibling, then renamed).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from anyflow_jax.checkpoints.diffusers import CheckpointError, atomic_directory, check_params
+from anyflow_jax.models.wan import WanTransformer3D
+
+MODEL_FILE = "model.json"
+PARAMS_DIR = "params"
+FORMAT = "anyflow-jax-model/1"
+_RUNTIME_FIELDS = ("dtype", "attention_impl", "scan_layers", "remat_policy")
+
+
+def save_model(path, model: WanTransformer3D, params, *, overwrite: bool = False) -> None:
+    """Write ``model``'s config and ``params`` (dtypes kept) as an Orbax model checkpoint."""
+    import orbax.checkpoint as ocp
+    check_params(model, params)
+    meta = {"format": FORMAT, "config": model.to_config(), "scan_layers": model.scan_layers}
+
+    def write(tmp):
+        with open(os.path.join(tmp, MODEL_FILE), "w") as fh:
+            json.dump(meta, fh, indent=2)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+        ckptr.wait_until_finished()
+        ckptr.close()
+
+    atomic_directory(path, write, overwrite=overwrite)
+
+
+def is_model_checkpoint(path) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), MODEL_FILE))
+
+
+def load_model(path, *, dtype=jnp.float32, model_kwargs: Mapping[str, Any] | None = None,
+               shardings=None):
+    """Rebuild ``(model, params)`` from :func:`save_model` output.
+
+    ``dtype=None`` keeps stored dtypes. ``shardings`` (a tree of ``jax.sharding.Sharding`` for
+    the params) restores each array directly onto a mesh, whatever device count it was saved on.
+    The stored layer layout (scanned or not) is used; ``model_kwargs`` may set other runtime
+    fields (compute ``dtype``, ``attention_impl``, ``remat_policy``).
+    """
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.fspath(path))
+    meta_path = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path}: not an anyflow-jax model checkpoint (no {MODEL_FILE})")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    runtime = dict(model_kwargs or {})
+    unknown = sorted(set(runtime) - set(_RUNTIME_FIELDS))
+    if unknown:
+        raise ValueError(f"model_kwargs may only set {_RUNTIME_FIELDS}; got {unknown}")
+    if runtime.get("scan_layers", meta["scan_layers"]) != meta["scan_layers"]:
+        raise ValueError("scan_layers differs from the stored layout; convert via the diffusers format instead")
+    runtime["scan_layers"] = meta["scan_layers"]
+    if dtype is not None:
+        runtime.setdefault("dtype", jnp.dtype(dtype))
+    model = WanTransformer3D.from_config(meta["config"], **runtime)
+    ckptr = ocp.StandardCheckpointer()
+    stored = ckptr.metadata(os.path.join(path, PARAMS_DIR)).item_metadata.tree
+
+    def target(leaf, sharding=None):
+        dt = leaf.dtype if dtype is None else jnp.dtype(dtype)
+        sharding = sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), dt, sharding=sharding)
+
+    is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+    if shardings is None:
+        abstract = jax.tree_util.tree_map(target, stored, is_leaf=is_meta)
+    else:
+        abstract = jax.tree_util.tree_map(target, stored, shardings, is_leaf=is_meta)
+    params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract)
+    ckptr.close()
+    check_params(model, params)
+    return model, params

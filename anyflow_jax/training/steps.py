@@ -1,0 +1,102 @@
+"""Train steps, generic over the stage registry (:mod:`anyflow_jax.stages`).
+
+A step takes ``(state, frozen_params, batch)`` and returns ``(state, metrics)``; networks are
+closed over only as module definitions, parameters are always explicit arguments. The stage's
+record supplies the objective; nothing here depends on which stage runs. Keys are
+``fold_in(state.rng, 2 * step)`` for the generator and ``... + 1`` for the critic, so a resumed
+run draws exactly the keys of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from anyflow_jax.models.wan import WanTransformer3D, make_apply_fn
+from anyflow_jax.stages import Networks, Stage
+from anyflow_jax.training import optim
+from anyflow_jax.training.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What a step needs besides parameters: the stage record, static modules, options and
+    optimizers."""
+    stage: Stage
+    student: WanTransformer3D
+    teacher: WanTransformer3D | None  # frozen teacher; also the critic's module
+    loss_options: Mapping[str, Any]
+    critic_loss_options: Mapping[str, Any]
+    tx: optax.GradientTransformation
+    critic_tx: optax.GradientTransformation | None
+    trainable_mask: Any
+    critic_mask: Any
+    ema_decay: float
+    ema_warmup_steps: int
+    lr_fn: Callable[[Any], Any]
+    critic_update_ratio: int = 1
+
+
+def _networks(spec: StepSpec, state: TrainState, frozen_params) -> Networks:
+    teacher_apply = make_apply_fn(spec.teacher) if spec.teacher is not None else None
+    return Networks(student_apply=make_apply_fn(spec.student), student_params=state.params,
+                    ema_params=state.ema_params,
+                    teacher_apply=teacher_apply if spec.stage.needs_teacher else None,
+                    teacher_params=frozen_params if spec.stage.needs_teacher else None,
+                    critic_apply=teacher_apply if spec.stage.has_critic else None,
+                    critic_params=state.critic_params)
+
+
+def make_generator_step(spec: StepSpec) -> Callable:
+    """``step(state, frozen_params, batch) -> (state, metrics)`` for the trained network."""
+    opts = dict(spec.loss_options)
+    # A stage with a critic counts a global step per critic update (the generator runs every
+    # `critic_update_ratio` steps); every other stage counts generator updates.
+    increments = spec.stage.steps_per_update == "generator"
+
+    def step(state: TrainState, frozen_params, batch):
+        key = jax.random.fold_in(state.key(), 2 * state.step)
+        nets = _networks(spec, state, frozen_params)
+
+        def objective(p):
+            return spec.stage.objective(dataclasses.replace(nets, student_params=p), batch, key, opts)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_step = state.step + 1 if increments else state.step
+        ema = optim.ema_update(state.ema_params, params, state.step, decay=spec.ema_decay,
+                               warmup_steps=spec.ema_warmup_steps, mask=spec.trainable_mask)
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["grad_norm"] = optim.grad_norm(grads, spec.trainable_mask)
+        metrics["lr"] = jnp.asarray(spec.lr_fn(state.step), jnp.float32)
+        return state.replace(step=new_step, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_critic_step(spec: StepSpec) -> Callable:
+    """Critic update on a stop-gradient rollout: ``step(state, frozen_params, batch)``; advances
+    the step."""
+    opts = dict(spec.critic_loss_options)
+
+    def step(state: TrainState, frozen_params, batch):
+        key = jax.random.fold_in(state.key(), 2 * state.step + 1)
+        nets = _networks(spec, state, frozen_params)
+
+        def objective(cp):
+            return spec.stage.critic_objective(dataclasses.replace(nets, critic_params=cp), batch, key, opts)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.critic_params)
+        updates, opt_state = spec.critic_tx.update(grads, state.critic_opt_state, state.critic_params)
+        critic_params = optax.apply_updates(state.critic_params, updates)
+        metrics = {f"critic/{k}": v for k, v in metrics.items()}
+        metrics["critic/loss"] = loss
+        metrics["critic/grad_norm"] = optim.grad_norm(grads, spec.critic_mask)
+        return state.replace(step=state.step + 1, critic_params=critic_params, critic_opt_state=opt_state), metrics
+
+    return step
