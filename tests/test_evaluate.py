@@ -317,5 +317,5 @@ def test_cli_runs_as_a_module_with_exit_code_2():
     r = subprocess.run([sys.executable, "-m", "anyflow_jax.evaluate", "--models", "a=x", "--steps", "1,-2",
                         "--out", "unused"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: --steps: steps must be positive integers (>= 1), got -2"]
+    assert r.stderr.strip().splitlines() == ["error: --steps must be positive (>= 1), got -2 in '1,-2'"]
     assert not os.path.exists(os.path.join(ROOT, "unused"))

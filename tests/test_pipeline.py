@@ -38,4 +38,4 @@ def test_pipeline_chains_the_four_stages(tmp_path, capsys):
 
 def test_pipeline_rejects_bad_arguments(tmp_path, capsys):
     assert pipeline.main(["--workdir", str(tmp_path), "--override", "model.nope=1", "--eval_steps", ""]) == 2
-    assert "--override model.nope: no such config field" in capsys.readouterr().err
+    assert "--override model.nope: config.model.nope is not a config field" in capsys.readouterr().err
