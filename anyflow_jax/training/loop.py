@@ -287,28 +287,30 @@ def _check_unsharded(cfg: RunConfig, abstract_params, shardings, mesh) -> None:
 def build_run(config, workdir: str) -> Run:
     """Phase 1: validate, build the mesh and networks, derive the step spec and shardings."""
     cfg = validate_config(config)
-    record = cfg.record
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         fileio.ensure_writable_dir(workdir)
     except OSError as e:
         raise RunError(f"workdir {e}") from None
-    pid, pcount = jax.process_index(), jax.process_count()
-
     ckpt = RunCheckpointer(workdir, max_to_keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpointing)
+    try:
+        return _build_run(cfg, config, workdir, ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _build_run(cfg: RunConfig, config, workdir: str, ckpt: RunCheckpointer) -> Run:
+    record = cfg.record
+    pid, pcount = jax.process_index(), jax.process_count()
     latest = ckpt.latest_step()
     existing = run_files.read_run_file(workdir)
     resume_meta = existing if (latest is not None and existing is not None) else None
-    if resume_meta is not None and resume_meta.get("stage") != cfg.stage:
-        ckpt.close()
-        raise RunError(f"incompatible checkpoint: workdir {workdir} holds a {resume_meta.get('stage')!r} run, "
-                       f"config.stage is {cfg.stage!r}")
     if resume_meta is not None:
-        try:
-            _check_architecture(cfg, resume_meta.get("model", {}), "the workdir's run")
-        except RunError:
-            ckpt.close()
-            raise
+        if resume_meta.get("stage") != cfg.stage:
+            raise RunError(f"incompatible checkpoint: workdir {workdir} holds a {resume_meta.get('stage')!r} run, "
+                           f"config.stage is {cfg.stage!r}")
+        _check_architecture(cfg, resume_meta.get("model", {}), "the workdir's run")
     if latest is not None and latest >= cfg.train.steps:
         return Run(cfg=cfg, record=record, workdir=workdir, mesh=None, nets=None, spec=None, state_shardings=None,
                    teacher_shardings=None, replicated=None, ckpt=ckpt, writer=writers_lib.NullWriter(),
@@ -320,17 +322,13 @@ def build_run(config, workdir: str) -> Run:
         log.warning("the mesh %s uses %d of %d devices", dict(mesh.shape), mesh.devices.size, jax.device_count())
     rules = parallel.DEFAULT_RULES
 
-    try:
-        nets = build_networks(cfg, resume_meta=resume_meta)
-        meta = _run_meta(cfg, config, nets.student)
-        if existing is not None and resume_meta is None:
-            _check_resume_compatible(existing, meta, workdir)
-        if resume_meta is not None and resume_meta.get("scan_layers") != nets.student.scan_layers:
-            raise RunError(f"incompatible checkpoint: workdir {workdir} was trained with scan_layers="
-                           f"{resume_meta.get('scan_layers')}, the config gives {nets.student.scan_layers}")
-    except BaseException:
-        ckpt.close()
-        raise
+    nets = build_networks(cfg, resume_meta=resume_meta)
+    meta = _run_meta(cfg, config, nets.student)
+    if existing is not None and resume_meta is None:
+        _check_resume_compatible(existing, meta, workdir)
+    if resume_meta is not None and resume_meta.get("scan_layers") != nets.student.scan_layers:
+        raise RunError(f"incompatible checkpoint: workdir {workdir} was trained with scan_layers="
+                       f"{resume_meta.get('scan_layers')}, the config gives {nets.student.scan_layers}")
     if pid == 0:
         run_files.write_run_file(workdir, meta)
     for n in nets.notes:
