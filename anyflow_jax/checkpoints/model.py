@@ -40,6 +40,11 @@ def save_model(path, model: WanTransformer3D, params, *, overwrite: bool = False
     atomic_directory(path, write, overwrite=overwrite)
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
 def is_model_checkpoint(path) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), MODEL_FILE))
 
@@ -73,7 +78,13 @@ def load_model(path, *, dtype=jnp.float32, model_kwargs: Mapping[str, Any] | Non
         runtime.setdefault("dtype", jnp.dtype(dtype))
     model = WanTransformer3D.from_config(meta["config"], **runtime)
     ckptr = ocp.StandardCheckpointer()
-    stored = ckptr.metadata(os.path.join(path, PARAMS_DIR)).item_metadata.tree
+    params_dir = os.path.join(path, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{path}: the model checkpoint is damaged: {PARAMS_DIR}/ is missing")
+    try:
+        stored = ckptr.metadata(params_dir).item_metadata.tree
+    except Exception as e:  # noqa: BLE001 - unreadable metadata
+        raise CheckpointError(f"{path}: the model checkpoint is damaged: unreadable metadata ({_one_line(e)})") from None
 
     def target(leaf, sharding=None):
         dt = leaf.dtype if dtype is None else jnp.dtype(dtype)
@@ -85,7 +96,12 @@ def load_model(path, *, dtype=jnp.float32, model_kwargs: Mapping[str, Any] | Non
         abstract = jax.tree_util.tree_map(target, stored, is_leaf=is_meta)
     else:
         abstract = jax.tree_util.tree_map(target, stored, shardings, is_leaf=is_meta)
-    params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract)
-    ckptr.close()
+    try:
+        params = ckptr.restore(params_dir, abstract)
+    except Exception as e:  # noqa: BLE001 - the shapes come from the metadata: a failure is damage
+        raise CheckpointError(f"{path}: the model checkpoint is damaged: its parameters cannot be read "
+                              f"({_one_line(e)})") from None
+    finally:
+        ckptr.close()
     check_params(model, params)
     return model, params

@@ -14,8 +14,9 @@ weights by default) of a workdir's latest checkpoint, without any training code.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -24,10 +25,13 @@ from anyflow_jax.checkpoints import model as model_ckpt
 from anyflow_jax.errors import RunError
 from anyflow_jax.models.wan import WanTransformer3D
 
+log = logging.getLogger(__name__)
+
 RUN_FILE = "run.json"
 CKPT_DIR = "checkpoints"
 STATE_ITEMS = ("meta", "params", "ema_params", "opt_state", "critic_params", "critic_opt_state")
 ITEMS = STATE_ITEMS + ("data",)
+PARAM_ITEMS = ("params", "ema_params", "critic_params")
 KINDS = ("workdir", "model", "diffusers")
 
 
@@ -63,21 +67,125 @@ def checkpoint_kind(path: str) -> str:
                    f"checkpoint ({model_ckpt.MODEL_FILE}) or a diffusers transformer folder ({dif.CONFIG_NAME})")
 
 
+class DamagedCheckpoint(RunError):
+    """A checkpoint step whose files are missing or unreadable (as opposed to one that does not fit
+    the current config, which is an "incompatible checkpoint" error)."""
+
+    def __init__(self, directory: str, step: int, item: str, reason: str):
+        self.directory, self.step, self.item, self.reason = directory, step, item, reason
+        super().__init__(f"checkpoint step {step} in {directory} is damaged: item {item!r} {reason}")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves if hasattr(v, "shape")}
+
+
+def check_step(directory: str, step: int, items: Sequence[str], targets: dict[str, Any] | None = None) -> None:
+    """Check that every item of ``step`` is present and its metadata readable; raise
+    :class:`DamagedCheckpoint` naming the first bad item. For items in ``targets`` (abstract trees
+    of parameters), stored shapes must equal the target's, else a :class:`RunError` "incompatible
+    checkpoint" (nothing is damaged then: the config changed)."""
+    import orbax.checkpoint as ocp
+    step_dir = os.path.join(directory, str(step))
+    for item in items:
+        path = os.path.join(step_dir, item)
+        if not os.path.isdir(path):
+            raise DamagedCheckpoint(directory, step, item, "is missing")
+        if item == "data":
+            continue
+        try:
+            stored = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+        except Exception as e:  # noqa: BLE001 - any failure to read the metadata is damage
+            raise DamagedCheckpoint(directory, step, item, f"has unreadable metadata ({_one_line(e)})") from None
+        if targets and targets.get(item) is not None:
+            have, want = _shapes(stored), _shapes(targets[item])
+            if item in PARAM_ITEMS and have != want:
+                diff = sorted(set(have) ^ set(want)) or [k for k in sorted(want) if have[k] != want[k]]
+                raise RunError(f"incompatible checkpoint: step {step} in {directory} has {item} that do not fit this "
+                               f"config (first difference: {diff[0]})")
+            # other items (optimizer states) may differ in container types: compare the shapes
+            if sorted(have.values()) != sorted(want.values()):
+                raise RunError(f"incompatible checkpoint: step {step} in {directory} has an {item} that does not fit "
+                               f"this config ({len(have)} arrays stored, {len(want)} expected; trainable "
+                               f"parameters changed?)")
+
+
+def restore_newest_intact(directory: str, steps: Sequence[int], items: Sequence[str],
+                          restore: Callable[[int], Any], *, targets: dict[str, Any] | None = None,
+                          on_damaged: Callable[[DamagedCheckpoint], None] | None = None) -> tuple[Any, int]:
+    """``restore(step)`` for the newest of ``steps`` whose ``items`` are intact; returns
+    ``(result, step)``. Each damaged step (missing item, unreadable metadata or data) is logged,
+    passed to ``on_damaged`` and skipped; with no intact step, one :class:`RunError` lists them."""
+    damaged: list[DamagedCheckpoint] = []
+    for step in sorted(steps, reverse=True):
+        try:
+            check_step(directory, step, items, targets)
+            try:
+                result = restore(step)
+            except DamagedCheckpoint:
+                raise
+            except RunError:
+                raise
+            except Exception as e:  # noqa: BLE001 - shapes fit (checked above): a read failure is damage
+                item = getattr(e, "item", None) or _failed_item(e, items)
+                cause = e.__cause__ if getattr(e, "item", None) and e.__cause__ is not None else e
+                raise DamagedCheckpoint(directory, step, item, f"cannot be read ({_one_line(cause)})") from None
+        except DamagedCheckpoint as d:
+            damaged.append(d)
+            log.warning("%s", d)
+            if on_damaged is not None:
+                on_damaged(d)
+            continue
+        if damaged:
+            log.warning("using step %d, the newest intact checkpoint in %s", step, directory)
+        return result, step
+    if damaged:
+        raise RunError(f"no intact checkpoint in {directory}: " + "; ".join(
+            f"step {d.step}: item {d.item!r} {d.reason}" for d in damaged))
+    raise RunError(f"{directory}: no checkpoint yet")
+
+
+def _failed_item(e: BaseException, items: Sequence[str]) -> str:
+    text = str(e)
+    for item in sorted(items, key=len, reverse=True):
+        if f"/{item}/" in text or f"'{item}'" in text or f'"{item}"' in text:
+            return item
+    return "/".join(items)
+
+
+def run_steps(workdir: str) -> list[int]:
+    """Committed checkpoint steps of a workdir (folders ``checkpoints/<int>``), ascending."""
+    directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()
+                  and os.path.isfile(os.path.join(directory, n, "_CHECKPOINT_METADATA")))
+
+
 def restore_run_item(workdir: str, item: str, abstract: Any, step: int | None = None) -> tuple[Any, int]:
-    """Restore one item of a workdir's checkpoint (the latest unless ``step``) into ``abstract``
-    (a tree of ``jax.ShapeDtypeStruct`` with shardings); returns ``(tree, step)``."""
+    """Restore one item of a workdir's checkpoint into ``abstract`` (a tree of
+    ``jax.ShapeDtypeStruct`` with shardings): the newest intact step, or exactly ``step``.
+    Damaged steps are skipped with a warning (this reader changes nothing on disk). Returns
+    ``(tree, step)``."""
     import orbax.checkpoint as ocp
     directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    steps = [step] if step is not None else run_steps(workdir)
+    if not steps:
+        raise RunError("the workdir has no checkpoint yet")
+    checkpointer = ocp.StandardCheckpointer()  # one item, read directly: no manager, nothing written
+
+    def restore(s):
+        return checkpointer.restore(os.path.join(directory, str(s), item), abstract)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise RunError(f"{workdir}: the workdir has no checkpoint yet")
-        tree = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
+        return restore_newest_intact(directory, steps, [item], restore, targets={item: abstract})
     finally:
-        manager.close()
-    return tree, step
+        checkpointer.close()
 
 
 def load_start(path: str, *, runtime: dict, use_ema: bool = True,
@@ -108,5 +216,5 @@ def load_start(path: str, *, runtime: dict, use_ema: bool = True,
     try:
         params, step = restore_run_item(path, item, abstract)
     except RunError as e:
-        raise RunError(f"{field}={e}") from None
+        raise RunError(f"{field}={path}: {e}") from None
     return model, params, f"{meta.get('stage', '?')} workdir {path} step {step} ({item})"

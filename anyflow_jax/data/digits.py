@@ -1,4 +1,4 @@
-"""Moving digits: the embedded default data set (design.md section 5).
+"""Moving digits: the embedded default data set (the toy results: docs/results.md).
 
 scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``: 1797 images of
 8x8 pixels, values 0..16, no download) animated into short videos: one digit moving with a

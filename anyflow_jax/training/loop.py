@@ -389,12 +389,8 @@ def restore_or_init(run: Run) -> TrainState:
     directly sharded."""
     target = abstract_state(run)
     if run.latest_step is not None:
-        try:
-            state = run.ckpt.restore(run.latest_step, target, run.data_iterator)
-        except (ValueError, KeyError, TypeError) as e:
-            raise RunError(f"incompatible checkpoint: cannot restore {run.ckpt.directory}/{run.latest_step} into "
-                           f"this config's train state: {e}") from None
-        log.info("resumed from %s step %d on %d devices", run.ckpt.directory, run.latest_step, jax.device_count())
+        state, step = run.ckpt.restore_latest(target, run.data_iterator)
+        log.info("resumed from %s step %d on %d devices", run.ckpt.directory, step, jax.device_count())
         return state
     sh, nets = run.state_shardings, run.nets
     f32 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731

@@ -8,14 +8,29 @@ mesh, so a run saved on one device count resumes on another.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from anyflow_jax.checkpoints import runs as run_files
 from anyflow_jax.checkpoints.runs import CKPT_DIR, ITEMS as _ITEMS, STATE_ITEMS as _STATE_ITEMS
 from anyflow_jax.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class _ItemError(Exception):
+    """Reading one item of a step failed (the message names the item for the damage report)."""
+
+    def __init__(self, item: str, cause: BaseException):
+        super().__init__(f"'{item}': {type(cause).__name__}: {cause}")
+        self.item = item
+DAMAGED_DIR = "damaged"  # <workdir>/damaged/<step>-<unix time>: damaged steps set aside on resume
 
 
 def _abstract(tree, shardings):
@@ -28,10 +43,12 @@ class RunCheckpointer:
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
         import orbax.checkpoint as ocp
         self._ocp = ocp
-        self.directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                               enable_async_checkpointing=async_save, read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CKPT_DIR)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                                     enable_async_checkpointing=async_save, read_only=read_only)
+        self.read_only = read_only
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options, item_names=_ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -55,20 +72,57 @@ class RunCheckpointer:
 
     def restore(self, step: int, abstract_state: TrainState, data_iterator=None) -> TrainState:
         """Restore ``step`` into the shapes/dtypes/shardings of ``abstract_state`` (a TrainState of
-        ``jax.ShapeDtypeStruct``); the data iterator, if given, is restored in place."""
+        ``jax.ShapeDtypeStruct``); the data iterator, if given, is restored in place.
+
+        Each item is read on its own (the layout ``CheckpointManager`` writes), so a damaged item
+        fails alone and cleanly, naming itself."""
         ocp = self._ocp
-        items = {"meta": ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng})}
-        for name in _STATE_ITEMS[1:]:
-            value = getattr(abstract_state, name)
-            if value is not None:
-                items[name] = ocp.args.StandardRestore(value)
+        step_dir = os.path.join(self.directory, str(step))
+        targets = {"meta": {"step": abstract_state.step, "rng": abstract_state.rng}}
+        targets.update({n: getattr(abstract_state, n) for n in _STATE_ITEMS[1:] if getattr(abstract_state, n) is not None})
+        restored = {}
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            for name, target in targets.items():
+                try:
+                    restored[name] = checkpointer.restore(os.path.join(step_dir, name), target)
+                except Exception as e:  # noqa: BLE001 - named for the caller (damage or misfit)
+                    raise _ItemError(name, e) from e
+        finally:
+            checkpointer.close()
         if data_iterator is not None:
-            items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if data_iterator is not None:
-            data_iterator.set_state(restored["data"])
-        fields = {name: restored[name] for name in _STATE_ITEMS[1:] if getattr(abstract_state, name) is not None}
+            try:
+                with open(os.path.join(step_dir, "data", "metadata")) as fh:
+                    data_state = json.load(fh)
+                data_iterator.set_state(data_state)
+            except Exception as e:  # noqa: BLE001
+                raise _ItemError("data", e) from e
+        fields = {name: restored[name] for name in _STATE_ITEMS[1:] if name in restored}
         return abstract_state.replace(step=restored["meta"]["step"], rng=restored["meta"]["rng"], **fields)
+
+    def restore_latest(self, abstract_state: TrainState, data_iterator=None) -> tuple[TrainState, int]:
+        """Restore the newest intact step (see :meth:`restore`). A damaged step (an item missing,
+        unreadable or truncated) is logged, set aside in ``<workdir>/damaged/`` (never deleted) and
+        the next older one is tried; a step that does not fit the config is an "incompatible
+        checkpoint" :class:`~anyflow_jax.errors.RunError`, and so is having no intact step."""
+        items = ["meta"] + [n for n in _STATE_ITEMS[1:] if getattr(abstract_state, n) is not None]
+        if data_iterator is not None:
+            items.append("data")
+        targets = {n: getattr(abstract_state, n) for n in items if n not in ("meta", "data")}
+        damaged = []
+        result = run_files.restore_newest_intact(
+            self.directory, self.all_steps(), items, lambda s: self.restore(s, abstract_state, data_iterator),
+            targets=targets, on_damaged=damaged.append)
+        # only once an intact step was found (with none, nothing is touched: the error says why)
+        if damaged and not self.read_only and jax.process_index() == 0:
+            for d in damaged:
+                dest = os.path.join(self.workdir, DAMAGED_DIR, f"{d.step}-{int(time.time())}")
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                os.rename(os.path.join(self.directory, str(d.step)), dest)
+                log.warning("set the damaged checkpoint step %d aside in %s", d.step, dest)
+            self.manager.close()  # the manager caches the step list
+            self.manager = self._ocp.CheckpointManager(self.directory, options=self._options, item_names=_ITEMS)
+        return result
 
     def restore_item(self, step: int, name: str, abstract: Any) -> Any:
         ocp = self._ocp
