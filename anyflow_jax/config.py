@@ -167,7 +167,11 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
         node = node[p]
     if parts[-1] not in node:
         raise RunError(unknown_field_message(".".join(parts[:-1]), parts[-1], list(node.keys())))
-    node[parts[-1]] = value
+    try:
+        node[parts[-1]] = value
+    except (TypeError, ValueError):  # a ConfigDict keeps each field's type
+        old = node[parts[-1]]
+        raise RunError(f"config.{dotted} must be of type {type(old).__name__} (like {old!r}), got {value!r}") from None
 
 
 def unknown_field_message(section: str, name: str, known) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Sequence
 
@@ -29,6 +28,7 @@ from anyflow_jax.evaluation.harness import (  # noqa: F401  (the library, re-exp
     EvalError,
     evaluate,
     format_table,
+    int_flag,
     parse_models,
     parse_steps,
     plot_results,
@@ -57,14 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_arg(flag: str, value: str, minimum: int) -> int:
-    s = str(value).strip()
-    if not re.fullmatch(r"[+-]?\d+", s):
-        raise EvalError(f"{flag} must be an integer, got {value!r}")
-    v = int(s)
-    if v < minimum:
-        raise EvalError(f"{flag} must be >= {minimum}, got {v}")
-    return v
+_int_arg = int_flag
 
 
 def main(argv: Sequence[str] | None = None) -> int:

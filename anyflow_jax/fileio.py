@@ -5,10 +5,17 @@ import os
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and one rename (never half-written)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write ``data`` to ``path`` through a temporary sibling and one rename (never half-written).
+
+    The file gets mode ``0o666`` less the umask, like any file a user creates (``tempfile.mkstemp``
+    would give ``0o600``); the temporary name is unique per call, so concurrent writers of one
+    path never share a temporary file.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
     finally:

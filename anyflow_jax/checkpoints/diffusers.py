@@ -357,17 +357,47 @@ def check_params(model: WanTransformer3D, params) -> None:
 def atomic_directory(dest: str, write: Callable[[str], None], *, overwrite: bool = False) -> None:
     """Run ``write(tmpdir)`` then move ``tmpdir`` to ``dest`` in one rename.
 
-    Nothing appears at ``dest`` unless ``write`` succeeds. An existing ``dest`` is an error unless
-    ``overwrite``; then it is replaced only after the new content is complete.
+    Nothing appears at ``dest`` unless ``write`` succeeds (parent folders created here are removed
+    again on failure). An existing ``dest`` is an error unless ``overwrite``; then it is replaced
+    only after the new content is complete. The new folder gets the user's umask like any folder
+    made with ``mkdir`` (``0o755`` under umask ``0o022``).
     """
     dest = os.path.abspath(os.fspath(dest))
     parent = os.path.dirname(dest)
     if os.path.exists(dest) and not overwrite:
         raise FileExistsError(f"{dest} already exists (pass overwrite=True to replace it)")
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise FileExistsError(f"{dest} already exists and is not a folder (overwrite replaces folders only)")
+    created = []  # parent folders made here, innermost first
+    probe = parent
+    while probe and not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        created.append(probe)
+        probe = os.path.dirname(probe)
+
+    def remove_created():
+        for d in created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+    def new_dir(prefix):
+        # mkdir's mode 0o777 less the umask (or the parent's default ACL), like any folder a user
+        # makes; tempfile.mkdtemp would give 0o700
+        for _ in range(100):
+            path = os.path.join(parent, prefix + os.urandom(6).hex())
+            try:
+                os.mkdir(path, 0o777)
+                return path
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free temporary name in {parent}")
+
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
+        tmp = new_dir(f".{os.path.basename(dest)}.tmp-")
     except OSError as e:
+        remove_created()
         raise OSError(f"cannot write to {parent}: {e.strerror or e}") from None
     try:
         write(tmp)
@@ -380,6 +410,7 @@ def atomic_directory(dest: str, write: Callable[[str], None], *, overwrite: bool
             os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_created()
         raise
 
 

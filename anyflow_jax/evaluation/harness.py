@@ -93,6 +93,17 @@ def parse_steps(spec, flag: str = "steps") -> list[int]:
         raise EvalError(str(e)) from None
 
 
+def int_flag(flag: str, value, minimum: int) -> int:
+    """A command-line integer ``>= minimum``; anything else is an :class:`EvalError`."""
+    text = str(value).strip()
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise EvalError(f"{flag} must be an integer, got {value!r}")
+    v = int(text)
+    if v < minimum:
+        raise EvalError(f"{flag} must be >= {minimum}, got {v}")
+    return v
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise EvalError(f"{name} must be an integer, got {value!r}")

@@ -37,7 +37,7 @@ from anyflow_jax import data as data_lib
 from anyflow_jax import fileio, parallel
 from anyflow_jax.checkpoints import runs as run_files
 from anyflow_jax.config import RunConfig
-from anyflow_jax.errors import RunError
+from anyflow_jax.errors import Preempted, RunError
 from anyflow_jax.models.wan import WanTransformer3D, make_flow_map_student
 from anyflow_jax.stages import Stage
 from anyflow_jax.training import optim, steps
@@ -331,8 +331,6 @@ def _build_run(cfg: RunConfig, config, workdir: str, ckpt: RunCheckpointer) -> R
                        f"{resume_meta.get('scan_layers')}, the config gives {nets.student.scan_layers}")
     if pid == 0:
         run_files.write_run_file(workdir, meta)
-    for n in nets.notes:
-        log.info(n)
 
     # optimizers, masks and the step spec
     abstract_params = _unboxed_abstract(nets.student)
@@ -444,29 +442,41 @@ def compile_steps(run: Run, state: TrainState, frozen, probe) -> CompiledSteps:
     return out
 
 
-class _Sigterm:
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) ask the run to save a checkpoint and stop after the current
+    step; a second SIGINT stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
-        self.received = False
-        self._old = None
+        self.received: str | None = None
+        self._old: dict = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.received = True
-        log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or name
+        log.warning("%s received: saving a checkpoint and stopping after this step (Ctrl-C again to stop at once)",
+                    name)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
-def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first_batch) -> dict[str, float]:
-    """Phase 4: train to ``train.steps``; returns the last logged metrics."""
+def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first_batch,
+             signals: StopSignals | None = None) -> dict[str, float]:
+    """Phase 4: train to ``train.steps``; returns the last logged metrics. A stop signal saves the
+    current step and raises :class:`~anyflow_jax.errors.Preempted`."""
     cfg = run.cfg
     total, log_every, ckpt_every = cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every
     ratio = cfg.train.critic_update_ratio
@@ -490,7 +500,10 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
                      else "no checkpoint yet")
             raise NonFiniteLoss(f"non-finite {name} ({loss}) at step {at}; stopping. {where}")
 
-    with _Sigterm() as sig, jax.set_mesh(run.mesh):
+    sig = signals or StopSignals()
+    if sig.received:  # stopped while compiling: nothing new to save
+        raise Preempted(step, sig.received, run.workdir)
+    with jax.set_mesh(run.mesh):
         while step < total:
             t_step = time.perf_counter()
             out: dict[str, Any] = {}
@@ -520,10 +533,12 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
                 last = dict(scalars, step=step)
             if must_save:
                 run.ckpt.save(state, run.data_iterator)
+                if not sig.received:
+                    log.info("checkpoint of step %d %s", step,
+                             "saving in the background" if run.cfg.train.async_checkpointing else "saved")
             if sig.received:
                 run.ckpt.wait()
-                log.warning("stopped by SIGTERM at step %d; checkpoint saved", step)
-                break
+                raise Preempted(step, sig.received, run.workdir)
     return last
 
 
@@ -537,25 +552,44 @@ def _write_parameter_table(run: Run, state: TrainState) -> None:
 
 
 def train(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> dict[str, float]:
-    """Run (or resume) the stage in ``config`` in ``workdir``; returns the last metrics."""
+    """Run (or resume) the stage in ``config`` in ``workdir``; returns the last logged metrics
+    (``{"step": n, "already_done": True}`` when the workdir already holds a finished run).
+
+    Raises :class:`~anyflow_jax.errors.RunError` on bad input (before anything is compiled),
+    :class:`NonFiniteLoss`, and :class:`~anyflow_jax.errors.Preempted` after saving when SIGTERM or
+    SIGINT stopped the run."""
     run = build_run(config, workdir)
     try:
         if run.latest_step is not None and run.latest_step >= run.cfg.train.steps:
             log.info("nothing to do: %s is already at step %d of %d", run.workdir, run.latest_step,
                      run.cfg.train.steps)
-            return {"step": run.latest_step}
-        state = restore_or_init(run)
-        frozen = None
-        if run.record.needs_teacher:
-            frozen = jax.device_put(run.nets.teacher_params, run.teacher_shardings)
-        run.nets.teacher_params = None
-        if jax.process_index() == 0:
-            _write_parameter_table(run, state)
-        probe = run.next_batch()
-        compiled = compile_steps(run, state, frozen, probe)
-        return run_loop(run, state, compiled, frozen, probe)
+            return {"step": run.latest_step, "already_done": True}
+        _log_summary(run)
+        with StopSignals() as signals:
+            state = restore_or_init(run)
+            if jax.process_index() == 0:
+                # metrics logged after the restored step are logged again: drop the old records
+                writers_lib.drop_records_after(run.workdir, int(host_value(state.step)))
+            frozen = None
+            if run.record.needs_teacher:
+                frozen = jax.device_put(run.nets.teacher_params, run.teacher_shardings)
+            run.nets.teacher_params = None
+            if jax.process_index() == 0:
+                _write_parameter_table(run, state)
+            probe = run.next_batch()
+            compiled = compile_steps(run, state, frozen, probe)
+            return run_loop(run, state, compiled, frozen, probe, signals)
     finally:
         run.close()
+
+
+def _log_summary(run: Run) -> None:
+    c = run.cfg
+    log.info("stage %s (%s): %d steps, global batch %d, mesh %s, lr %g, %s -> %s", c.stage, run.record.description
+             or run.record.name, c.train.steps, c.data.global_batch_size, dict(run.mesh.shape), c.optim.lr,
+             c.data.source, run.workdir)
+    for n in run.nets.notes:
+        log.info("%s", n)
 
 
 def _memory_summary(compiled) -> str:

@@ -81,9 +81,8 @@ class ConsoleWriter(NullWriter):
 class JsonlWriter(NullWriter):
     """Appends one JSON object ``{"step": s, **scalars}`` per ``write_scalars`` call to
     ``<workdir>/metrics.jsonl`` (flushed at once, so a killed run keeps what it wrote), and
-    writes hparams to ``<workdir>/hparams.json``. After a resume the file is appended to, so
-    steps between the last checkpoint and a crash may appear twice: readers should keep the last
-    record of each step."""
+    writes hparams to ``<workdir>/hparams.json``. On resume the trainer first drops the records
+    after the restored step (:func:`drop_records_after`), so every step appears once."""
 
     def __init__(self, workdir):
         self.workdir = os.fspath(workdir)
@@ -121,6 +120,32 @@ class JsonlWriter(NullWriter):
     def close(self):
         if self._fh is not None and not self._fh.closed:
             self._fh.close()
+
+
+def drop_records_after(workdir, step: int) -> int:
+    """Remove the records of steps after ``step`` from ``<workdir>/metrics.jsonl`` (a resumed run
+    logs them again); returns how many were dropped. The file is rewritten atomically; a torn
+    last line (a killed run) is dropped too."""
+    path = os.path.join(os.fspath(workdir), METRICS_FILE)
+    if not os.path.isfile(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+                ok = int(record["step"]) <= int(step)
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        from anyflow_jax import fileio
+        fileio.atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+        logger.info("dropped %d metric records after step %d from %s (they are logged again)", dropped, step, path)
+    return dropped
 
 
 class MultiWriter(NullWriter):
@@ -454,6 +479,7 @@ __all__ = [
     "MultiWriter",
     "Progress",
     "format_duration",
+    "drop_records_after",
     "parameter_overview",
     "count_params",
     "METRICS_FILE",
