@@ -1,4 +1,5 @@
-"""Helpers shared by the command-line entry points: one error type, one step-list parser.
+"""Helpers shared by the command-line entry points: one error type, one step-list parser, output
+folder checks that leave nothing behind, progress-bar and logging defaults.
 
 Every CLI prints a :class:`UsageError` as one ``error: ...`` line and exits with status 2.
 Nothing here imports JAX, so flags are checked before any heavy import.
@@ -53,6 +54,47 @@ def parse_steps(spec: str | Sequence, flag: str = "--steps") -> list[int]:
     return steps
 
 
+def plural(n: int, word: str) -> str:
+    """``plural(1, 'step') == '1 step'``, ``plural(4, 'step') == '4 steps'``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def missing_dirs(path: str) -> list[str]:
+    """``path`` and those of its ancestors that do not exist yet, deepest first: the folders
+    ``os.makedirs(path)`` would create."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    out = []
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def remove_empty_dirs(dirs: Sequence[str]) -> None:
+    """Remove the folders ``dirs`` (deepest first, as :func:`missing_dirs` lists them) while they
+    are empty; stops at the first one that is missing, not empty or not removable."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def progress_disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a progress flag: ``None`` (the default) shows the bar only when
+    stderr is a terminal (so log files get no carriage-return-joined bar lines), ``True`` always
+    shows it, ``False`` never."""
+    return None if progress is None else not progress
+
+
+def quiet_logs() -> None:
+    """No absl/Orbax WARNING lines (e.g. "Metadata file does not exist" when reading a checkpoint
+    written without Orbax metadata) from a command that only reads checkpoints."""
+    import logging
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 _CPU_FLAG = "--xla_cpu_multi_thread_eigen=false"
 
 
@@ -76,4 +118,5 @@ def cpu_flags() -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {_CPU_FLAG}".strip()
 
 
-__all__ = ["UsageError", "int_list", "parse_steps", "cpu_flags"]
+__all__ = ["UsageError", "int_list", "parse_steps", "plural", "missing_dirs", "remove_empty_dirs", "progress_disable",
+           "quiet_logs", "cpu_flags"]

@@ -26,7 +26,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def ensure_writable_dir(path: str) -> str:
     """Create ``path`` if needed and prove it is writable; returns the absolute path.
 
-    Raises ``OSError`` with a one-line message naming the folder.
+    Raises ``OSError`` with a one-line message naming the folder (``<path> is a file, not a
+    folder``, ``<path> is not writable: <parent> is a file, not a folder``, ``<path> is not
+    writable: <reason>``).
     """
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     try:
@@ -36,5 +38,12 @@ def ensure_writable_dir(path: str) -> str:
             fh.write("ok")
         os.remove(probe)
     except OSError as e:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OSError(f"{path} is a file, not a folder") from None
+        parent = os.path.dirname(path)
+        while parent != os.path.dirname(parent) and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise OSError(f"{path} is not writable: {parent} is a file, not a folder") from None
         raise OSError(f"{path} is not writable: {e.strerror or e}") from None
     return path

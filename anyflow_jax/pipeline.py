@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             models = {stage_registry.get(s).eval_name: os.path.join(root, s) for s in stage_registry.names()
                       if os.path.isdir(os.path.join(root, s))}
             print(f"== evaluation of {sorted(models)} -> {root}/eval", flush=True)
-            results = harness.evaluate(models, eval_steps, eval_samples, os.path.join(root, "eval"),
+            results = harness.evaluate(models, eval_steps, eval_samples, os.path.join(root, "eval"), overwrite=True,
                                        reference_steps=reference_steps, verbose=False)
             print(harness.format_table(results), flush=True)
     except Preempted as e:

@@ -19,12 +19,14 @@ conditions (and samples) of one step count go through one batched ``Generator.sa
 
 Bad input (steps that are not positive integers, a missing or wrong-kind checkpoint, an
 unwritable output folder, an unknown class or format, ...) prints one ``error: ...`` line and
-exits with status 2 before anything is written.
+exits with status 2 before anything is written; every flag, the output folder included (it is
+created with a probe file, then removed again), is checked before a model is loaded. The progress
+bar is shown only when stderr is a terminal (``--progress`` / ``--no-progress`` force it on or
+off), and absl/Orbax WARNING lines from reading checkpoints are silenced.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import re
@@ -81,26 +83,72 @@ def parse_video_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def check_output_dir(out: str) -> None:
-    """Fail unless ``out`` is (or can be created as) a writable folder; creates nothing."""
+    """Fail unless ``out`` is (or can be created as) a writable folder: creates it (and missing
+    parents) and a probe file in it, then removes everything it created. ``os.access`` is not
+    enough (root passes it everywhere, and it knows nothing of read-only mounts or ``/proc``)."""
     path = os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise UsageError(f"output folder {out} is not writable: it exists and is not a folder")
-        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"output folder {out} exists and is not a folder")
+    created = cli.missing_dirs(path)
+    try:
+        if created:
+            parent = os.path.dirname(created[-1])
+            if os.path.exists(parent) and not os.path.isdir(parent):
+                raise UsageError(f"output folder {out} cannot be created: {parent} is a file, not a folder")
+            try:
+                os.makedirs(path)
+            except OSError as e:
+                raise UsageError(f"output folder {out} cannot be created: {e.strerror or e}") from None
+        probe = os.path.join(path, f".write-probe-{os.getpid()}-{os.urandom(4).hex()}")
         try:
-            with open(probe, "w"):
+            with open(probe, "x"):
                 pass
             os.remove(probe)
         except OSError as e:
             raise UsageError(f"output folder {out} is not writable: {e.strerror or e}") from None
+    finally:
+        cli.remove_empty_dirs(created)
+
+
+def check_checkpoint(path: str, kind: str | None = None) -> None:
+    """Fail unless ``path`` exists and is a checkpoint of a known kind, and (for a training workdir,
+    whose ``run.json`` names its stage) of the expected ``kind``; nothing is loaded."""
+    if not os.path.exists(os.path.expanduser(path)):
+        raise UsageError(f"--checkpoint {path} does not exist")
+    from anyflow_jax import stages as stage_registry
+    from anyflow_jax.checkpoints import diffusers as dif
+    from anyflow_jax.checkpoints import model as model_ckpt
+    from anyflow_jax.checkpoints import runs as run_files
+    from anyflow_jax.errors import RunError
+    full = os.path.abspath(os.path.expanduser(path))
+    try:
+        src_kind = run_files.checkpoint_kind(full)
+    except RunError:
+        raise UsageError(f"--checkpoint {path} is not a checkpoint (expected a training workdir with "
+                         f"{run_files.RUN_FILE}, an Orbax model checkpoint with {model_ckpt.MODEL_FILE} or a "
+                         f"diffusers transformer folder with {dif.CONFIG_NAME})") from None
+    if src_kind != "workdir" or kind is None:
         return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"output folder {out} cannot be created: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {out} cannot be created: {parent} is not writable")
+    try:
+        stage = (run_files.read_run_file(full) or {}).get("stage")
+        found = stage_registry.get(stage).sampler if stage is not None else None
+    except (RunError, OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--checkpoint {path}: cannot read {run_files.RUN_FILE}: {e}") from None
+    if found is not None and found != kind:  # the loader raises the same error, after loading
+        raise UsageError(f"{full} is a {found} checkpoint (stage {stage}), not {kind}")
+
+
+def check_writers(formats: Sequence[str]) -> None:
+    """Fail unless the writers of ``formats`` are available (mp4 and gif need imageio-ffmpeg's ffmpeg)."""
+    image = [f for f in formats if f in vid.IMAGE_FORMATS]
+    if not image:
+        return
+    try:
+        import imageio_ffmpeg
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as e:  # ImportError, RuntimeError: no ffmpeg binary
+        raise UsageError(f"--format {','.join(image)} needs ffmpeg (the imageio-ffmpeg package): "
+                         f"{type(e).__name__}: {e}; use --format npy") from None
 
 
 def _load_embedding(path: str, what: str) -> np.ndarray:
@@ -168,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=0, metavar="B",
                    help="videos per model call (default 0: all conditions and samples of a step count at once)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                     help="always show the progress bar (default: only when stderr is a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                     help="no progress bar")
     return p
 
 
@@ -193,6 +246,8 @@ def _validate(args) -> dict:
                            for f in args.prompt_embedding}
     opts["negative"] = _load_embedding(args.negative_embedding, "--negative-embedding") \
         if args.negative_embedding else None
+    check_writers(opts["formats"])
+    check_checkpoint(args.checkpoint, args.kind)
     check_output_dir(args.out)
     return opts
 
@@ -258,13 +313,13 @@ def _resolve(gen, args, opts):
 
 
 def _steps_label(s: int) -> str:
-    return f"{s} step" if s == 1 else f"{s} steps"
+    return cli.plural(s, "step")
 
 
 def _write_all(out_dir, videos, conditions, labels, args, opts, shape, gen) -> list[str]:
     """Write every file; returns their paths. On failure removes what it wrote."""
     written: list[str] = []
-    created = not os.path.exists(out_dir)
+    created = cli.missing_dirs(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         for (name, i, steps), v in videos.items():
@@ -292,15 +347,14 @@ def _write_all(out_dir, videos, conditions, labels, args, opts, shape, gen) -> l
         for p in written:
             if os.path.exists(p):
                 os.remove(p)
-        if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
+        cli.remove_empty_dirs(created)
         raise
     return written
 
 
 def run(args) -> str:
     """Validate, load, sample and write; returns the summary line. Raises UsageError / ValueError."""
-    opts = _validate(args)  # cheap checks first: nothing is imported, loaded or written before them
+    opts = _validate(args)  # every flag is checked before a model is loaded; nothing is left written
 
     from tqdm import tqdm
 
@@ -312,9 +366,10 @@ def run(args) -> str:
     conditions, labels, neg, shape, guidance = _resolve(gen, args, opts)
 
     total = len(conditions) * args.num_samples * len(opts["steps"])
-    with tqdm(total=total, unit="video", desc=f"sampling ({gen.kind})", dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="video", desc=f"sampling ({gen.kind})", dynamic_ncols=True,
+              disable=cli.progress_disable(getattr(args, "progress", None))) as bar:
         def progress(n, steps):
-            bar.set_postfix_str(f"{steps} steps")
+            bar.set_postfix_str(_steps_label(steps))
             bar.update(n)
 
         videos = inference.sample_videos(gen, opts["steps"], conditions, num_samples=args.num_samples, seed=args.seed,
@@ -332,9 +387,7 @@ def run(args) -> str:
     n_files = sum(not p.endswith(SHEET_NAME) for p in written)
     sheet = f" and {SHEET_NAME}" if any(p.endswith(SHEET_NAME) for p in written) else ""
 
-    def n(k, word):
-        return f"{k} {word}{'' if k == 1 else 's'}"
-
+    n = cli.plural
     return (f"wrote {n(n_files, 'file')} ({','.join(opts['formats'])}) for {n(len(conditions), 'condition')} x "
             f"{n(args.num_samples, 'sample')} x steps {','.join(map(str, opts['steps']))}{sheet} to {args.out} "
             f"[{gen.kind}, guidance {guidance:g}, seed {args.seed}, video {'x'.join(map(str, shape))}]")
@@ -342,8 +395,7 @@ def run(args) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    cli.quiet_logs()  # no absl/Orbax WARNING lines while reading checkpoints
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,8 +1,9 @@
 """The any-step sampling CLI (``python -m anyflow_jax.sample``) and its video writers.
 
-Tiny teacher, flow-map and consistency checkpoints are trained for one or two steps (high
-learning rate, no warmup, so the zero-initialised output head has moved and the samples depend
-on the step count, the class and the guidance). Videos are read back with imageio."""
+The tiny teacher, flow-map and consistency checkpoints are the session's shared runs (conftest:
+the teacher is trained for 40 steps, so the zero-initialised output head has moved and the
+samples depend on the step count, the class and the guidance). Videos are read back with
+imageio."""
 import os
 import subprocess
 import sys
@@ -14,39 +15,17 @@ import pytest
 from anyflow_jax import inference
 from anyflow_jax import sample as S
 from anyflow_jax import video as V
-from anyflow_jax.defaults import toy_config
 from anyflow_jax.evaluation.harness import class_table
 from anyflow_jax.inference import sample_keys
-from anyflow_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, freq_dim=32)
 F, H, W = 4, 16, 16  # tiny video shape (1 channel)
 
 
-def tiny(stage, steps):
-    c = toy_config(stage)
-    c.model.update(TINY_MODEL)
-    c.data.update(dict(global_batch_size=8, num_frames=F))
-    c.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    c.train.update(dict(steps=steps, log_every=1, checkpoint_every=steps, tensorboard=False,
-                        async_checkpointing=False))
-    c.optim.update(dict(lr=1e-2, warmup_steps=0))
-    return c
-
-
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    paths = {k: str(root / k) for k in ("teacher", "flow_map", "consistency")}
-    loop.train(tiny("teacher", 2), paths["teacher"])
-    cfg = tiny("flow_map", 1)
-    cfg.init.student = paths["teacher"]
-    loop.train(cfg, paths["flow_map"])
-    cfg = tiny("consistency", 1)
-    cfg.init.student = cfg.init.teacher = paths["teacher"]
-    loop.train(cfg, paths["consistency"])
-    return paths
+def ckpts(tiny_teacher, tiny_flow_map, tiny_consistency):
+    """The session's shared tiny runs (conftest); read only."""
+    return {"teacher": tiny_teacher, "flow_map": tiny_flow_map, "consistency": tiny_consistency}
 
 
 _GENERATORS = {}
@@ -160,7 +139,7 @@ def test_consistency_cli_as_a_subprocess(ckpts, tmp_path):
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-m", "anyflow_jax.sample", "--checkpoint", ckpts["consistency"],
                            "--steps", "1,2", "--class", "1,8", "--format", "npy,gif,mp4", "--scale", "2",
-                           "--sheet-scale", "1", "--out", out],
+                           "--sheet-scale", "1", "--progress", "--out", out],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "[consistency, guidance 1," in proc.stdout.strip().splitlines()[-1]

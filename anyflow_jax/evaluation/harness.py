@@ -26,8 +26,11 @@ clipping).
 Outputs in ``out``: ``results.json`` (models, steps, metrics, N, seeds, classifier held-out
 accuracies, reference, wall times), ``metrics_vs_steps.png`` (one panel per metric, steps on a
 log2 axis, one line per model), the cached classifier (``classifier/``) and reference solution
-(``reference/``), reused by later runs with the same settings. The CLI is ``python -m
-anyflow_jax.evaluate``.
+(``reference/``), reused by later runs with the same settings. An existing ``results.json`` is
+only replaced with ``overwrite=True`` (``--overwrite``); every argument and checkpoint path is
+checked before any model is loaded, and a failed run removes the output folder again when it
+created it and nothing was written into it. The progress bar is shown only when stderr is a
+terminal unless ``progress`` says otherwise. The CLI is ``python -m anyflow_jax.evaluate``.
 """
 from __future__ import annotations
 
@@ -65,6 +68,14 @@ _REAL_OFFSET, _REAL_FLOOR_OFFSET = 10_000, 20_000
 
 class EvalError(UsageError):
     """Bad input to the evaluation (printed as one ``error: ...`` line by the CLI)."""
+
+
+class ResultsExist(EvalError):
+    """``results.json`` is already in the output folder and ``overwrite`` is false."""
+
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f"{path} already exists (an earlier evaluation); pass overwrite=True to replace it")
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -131,6 +142,34 @@ def _writable_dir(out: str) -> str:
         raise EvalError(f"output folder {e}") from None
 
 
+def _check_checkpoint(label: str, path: str, kind: str | None = None) -> None:
+    """Fail unless ``path`` is a checkpoint (training workdir, Orbax model checkpoint or diffusers
+    folder) and, for a workdir (whose ``run.json`` names its stage), of ``kind``; loads nothing."""
+    from anyflow_jax import stages as stage_registry
+    from anyflow_jax.checkpoints import diffusers as dif
+    from anyflow_jax.checkpoints import model as model_ckpt
+    from anyflow_jax.checkpoints import runs
+    from anyflow_jax.errors import RunError
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(full):
+        raise EvalError(f"{label}: checkpoint {path} does not exist")
+    try:
+        src_kind = runs.checkpoint_kind(full)
+    except RunError:
+        raise EvalError(f"{label}: {path} is not a checkpoint (expected a training workdir with {runs.RUN_FILE}, "
+                        f"an Orbax model checkpoint with {model_ckpt.MODEL_FILE} or a diffusers transformer folder "
+                        f"with {dif.CONFIG_NAME})") from None
+    if kind is None or src_kind != "workdir":
+        return
+    try:
+        stage = (runs.read_run_file(full) or {}).get("stage")
+        found = stage_registry.get(stage).sampler if stage is not None else None
+    except (RunError, OSError, ValueError) as e:
+        raise EvalError(f"{label}: cannot read {path}: {e}") from None
+    if found is not None and found != kind:
+        raise EvalError(f"{label}: {full} is a {found} checkpoint (stage {stage}), not {kind}")
+
+
 def _generate(gen, noise, labels, table, neg, steps, guidance, *, seed, chunk_size, progress=None):
     """Videos from ``gen`` for every row of ``noise``, in chunks of ``chunk_size`` (the last chunk is
     padded to the same shape, so each step count compiles once)."""
@@ -178,14 +217,17 @@ def _load(name: str, path: str, kind: str | None = None):
 def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, num_samples: int = 256,
              out: str = "eval", *, reference_teacher: str | None = None, reference_steps: int = 128,
              seed: int = 0, classifier_seed: int = 0, chunk_size: int = 128,
-             classifier_config: Mapping[str, Any] | None = None, progress: bool = True,
-             plot: bool = True, verbose: bool = True) -> dict:
+             classifier_config: Mapping[str, Any] | None = None, progress: bool | None = None,
+             plot: bool = True, verbose: bool = True, overwrite: bool = False) -> dict:
     """Evaluate ``models`` (``{name: checkpoint}``) at every step count; write ``results.json`` and
     the plot into ``out`` and return the results dict (see the module docstring).
 
     ``reference_teacher`` defaults to the model named ``'teacher'``. ``classifier_config``
     overrides fields of :class:`~anyflow_jax.evaluation.classifier.ClassifierConfig` (the video
-    shape always follows the models). Raises :class:`EvalError` on bad input.
+    shape always follows the models). ``progress``: ``None`` shows the bar only when stderr is a
+    terminal, ``True`` always, ``False`` never. An existing ``out/results.json`` is a
+    :class:`ResultsExist` error unless ``overwrite``. Raises :class:`EvalError` on bad input,
+    before any model is loaded where the input allows it.
     """
     t_start = time.perf_counter()
     if not isinstance(models, Mapping) or not models:
@@ -200,16 +242,32 @@ def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, nu
     classifier_seed = _check_int("classifier_seed", classifier_seed, 0)
     chunk_size = _check_int("chunk_size", chunk_size, 1)
     for name, path in models.items():
-        if not os.path.exists(os.path.expanduser(path)):
-            raise EvalError(f"model {name!r}: checkpoint {path} does not exist")
+        if not isinstance(path, (str, os.PathLike)):
+            raise EvalError(f"model {name!r}: the checkpoint must be a path, got {path!r}")
+        _check_checkpoint(f"model {name!r}", os.fspath(path))
     if reference_teacher is None:
         if "teacher" not in models:
             raise EvalError("no reference teacher: name one of the models 'teacher' or pass --reference-teacher")
         reference_teacher = models["teacher"]
-    if not os.path.exists(os.path.expanduser(reference_teacher)):
-        raise EvalError(f"reference teacher: checkpoint {reference_teacher} does not exist")
-    out = _writable_dir(out)
+    _check_checkpoint("reference teacher", os.fspath(reference_teacher), kind="teacher")
+    results_path = os.path.join(os.path.abspath(os.path.expanduser(os.fspath(out))), RESULTS_FILE)
+    if os.path.lexists(results_path) and not overwrite:
+        raise ResultsExist(results_path)
+    created = cli.missing_dirs(out)
+    try:
+        out = _writable_dir(out)
+        return _evaluate(models, steps, num_samples, out, reference_teacher=reference_teacher,
+                         reference_steps=reference_steps, seed=seed, classifier_seed=classifier_seed,
+                         chunk_size=chunk_size, classifier_config=classifier_config, progress=progress, plot=plot,
+                         verbose=verbose, t_start=t_start)
+    except BaseException:
+        cli.remove_empty_dirs(created)  # a failed run leaves no empty output folder it created
+        raise
 
+
+def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_steps, seed, classifier_seed,
+              chunk_size, classifier_config, progress, plot, verbose, t_start) -> dict:
+    """:func:`evaluate` after its checks (``out`` exists and is writable)."""
     from tqdm.auto import tqdm
 
     from anyflow_jax.evaluation import classifier as clf_lib
@@ -277,7 +335,7 @@ def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, nu
         neg=hashlib.sha256(np.asarray(neg).tobytes()).hexdigest()), sort_keys=True).encode()).hexdigest()[:16]
     ref_file = os.path.join(out, "reference", f"ode-{ref_key}.npy")
     total = len(gens) * len(steps) * n_chunks + (0 if os.path.exists(ref_file) else n_chunks)
-    bar = tqdm(total=total, desc="evaluate", unit="chunk", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="evaluate", unit="chunk", disable=cli.progress_disable(progress), dynamic_ncols=True)
 
     t0 = time.perf_counter()
     ref_cached = os.path.exists(ref_file)
@@ -291,7 +349,7 @@ def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, nu
             reference = None
     if reference is None:
         ref_cached = False
-        bar.set_postfix_str(f"reference: teacher ODE {reference_steps} steps")
+        bar.set_postfix_str(f"reference: teacher ODE {cli.plural(reference_steps, 'step')}")
         reference = _generate(ref_gen, noise, labels, table, neg, reference_steps, REFERENCE_GUIDANCE,
                               seed=seed, chunk_size=chunk_size, progress=bar)
         os.makedirs(os.path.dirname(ref_file), exist_ok=True)
@@ -308,7 +366,7 @@ def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, nu
     for name, g in gens.items():
         guidance = default_guidance(g.kind)
         for n in steps:
-            bar.set_postfix_str(f"{name} {n} steps")
+            bar.set_postfix_str(f"{name} {cli.plural(n, 'step')}")
             t1 = time.perf_counter()
             x = _generate(g, noise, labels, table, neg, n, guidance, seed=seed, chunk_size=chunk_size, progress=bar)
             gen_seconds[name][str(n)] = time.perf_counter() - t1
@@ -390,9 +448,9 @@ def format_table(results: Mapping[str, Any]) -> str:
         if metric == "accuracy" and "accuracy_real" in base:
             lines.append(f"  (real videos: {_fmt(base['accuracy_real'], metric)})")
         cells = [[_fmt(results["metrics"][metric][n].get(s), metric) for s in steps] for n in names]
-        colw = [max(len(f"{s} steps" if i == 0 else s), *(len(r[i]) for r in cells)) for i, s in enumerate(steps)]
-        header = f"{'model':<{width}}  " + "  ".join(
-            f"{(s + ' steps') if i == 0 else s:>{colw[i]}}" for i, s in enumerate(steps))
+        heads = [cli.plural(int(s), "step") if i == 0 else s for i, s in enumerate(steps)]
+        colw = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
+        header = f"{'model':<{width}}  " + "  ".join(f"{h:>{colw[i]}}" for i, h in enumerate(heads))
         lines.append(header)
         lines.append("-" * len(header))
         for n, row in zip(names, cells):
