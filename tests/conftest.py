@@ -2,12 +2,98 @@
 
 Eight fake CPU devices are configured before JAX initialises so that sharding tests can build
 real meshes; every other test runs on the default (first) device.
+
+JAX's persistent compilation cache is switched on for the session and, through the environment,
+for every subprocess it starts (``python -m anyflow_jax.train`` and friends): the same tiny
+programs are compiled by many tests and processes, and a cache hit skips XLA's compilation. The
+cache lives in a fresh temporary folder per session (removed at the end), unless
+``JAX_COMPILATION_CACHE_DIR`` is already set, which is then used as it is.
+
+The tiny trained runs that several test files need (teacher, stage-1 flow map, consistency
+baseline) are session fixtures here, trained once; see ``runs_testlib`` for the tiny config.
+Tests only read them; a test that resumes or damages a run copies it first.
 """
 import os
+import shutil
+import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="anyflow-jax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+# cache every program, however small or quick to compile (the defaults skip those under 1 s)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runs_testlib import tiny  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ shared tiny runs
+# Settings chosen for every user: test_train asserts the teacher logged steps 1..40 and kept the
+# checkpoints [20, 40]; test_sample and test_evaluate need an output head that has moved (samples
+# depend on noise, class, step count and guidance). Read-only: copy before resuming or damaging.
+TEACHER_STEPS = 40
+FLOW_MAP_STEPS = 4
+CONSISTENCY_STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_runs")
+
+
+@pytest.fixture(scope="session")
+def tiny_last():
+    """What ``loop.train`` returned for each shared run (its last step's metrics), by stage."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_root, tiny_last):
+    """A tiny teacher: 40 steps (lr 2e-3, 5 warmup steps), checkpoints at 20 and 40."""
+    from anyflow_jax.training import loop
+    wd = str(tiny_root / "teacher")
+    cfg = tiny("teacher", steps=TEACHER_STEPS, checkpoint_every=20)
+    cfg.optim.update(dict(lr=2e-3, warmup_steps=5))
+    tiny_last["teacher"] = loop.train(cfg, wd)
+    return wd
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_map(tiny_root, tiny_teacher, tiny_last):
+    """A tiny stage-1 flow map: 4 steps from the tiny teacher."""
+    from anyflow_jax.training import loop
+    wd = str(tiny_root / "flow_map")
+    cfg = tiny("flow_map", steps=FLOW_MAP_STEPS)
+    cfg.init.student = tiny_teacher
+    tiny_last["flow_map"] = loop.train(cfg, wd)
+    return wd
+
+
+@pytest.fixture(scope="session")
+def tiny_consistency(tiny_root, tiny_teacher, tiny_last):
+    """A tiny consistency-distillation baseline: 3 steps from the tiny teacher."""
+    from anyflow_jax.training import loop
+    wd = str(tiny_root / "consistency")
+    cfg = tiny("consistency", steps=CONSISTENCY_STEPS)
+    cfg.init.student = cfg.init.teacher = tiny_teacher
+    tiny_last["consistency"] = loop.train(cfg, wd)
+    return wd

@@ -16,10 +16,6 @@ from anyflow_jax.evaluation import classifier as clf_lib
 from anyflow_jax.evaluation import harness as ev_harness
 from anyflow_jax.inference import initial_noise
 from anyflow_jax.evaluation.metrics import conditional_accuracy, frechet_distance, ode_distance
-from anyflow_jax.training import loop
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import tiny  # noqa: E402  (the tiny toy-model config of the training tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE4 = (4, 16, 16, 1)  # the tiny runs' video shape (frames 4)
@@ -152,20 +148,10 @@ def test_classifier_training_is_deterministic_and_round_trips(tmp_path):
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    runs = {"teacher": str(root / "teacher"), "stage1": str(root / "flow_map"),
-            "consistency": str(root / "consistency")}
-    cfg = tiny("teacher", steps=30, checkpoint_every=30)
-    cfg.optim.update(dict(lr=2e-3, warmup_steps=5))   # enough for u to depend on z and t
-    loop.train(cfg, runs["teacher"])
-    cfg = tiny("flow_map", steps=2)
-    cfg.init.student = runs["teacher"]
-    loop.train(cfg, runs["stage1"])
-    cfg = tiny("consistency", steps=2)
-    cfg.init.student = cfg.init.teacher = runs["teacher"]
-    loop.train(cfg, runs["consistency"])
-    return runs
+def tiny_runs(tiny_teacher, tiny_flow_map, tiny_consistency):
+    """The session's shared tiny runs (conftest; read only): a teacher trained for 40 steps (lr
+    2e-3, enough for u to depend on z and t), a stage-1 flow map and a consistency baseline."""
+    return {"teacher": tiny_teacher, "stage1": tiny_flow_map, "consistency": tiny_consistency}
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +246,7 @@ def test_evaluate_reuses_its_caches(evaluated, tiny_runs):
     out, res = evaluated
     again = ev.evaluate({"stage1": tiny_runs["stage1"]}, [1], 20, out, reference_teacher=tiny_runs["teacher"],
                         reference_steps=2, seed=3, chunk_size=8, classifier_config=SMALL_CLF,
-                        progress=False, verbose=False, plot=False)
+                        progress=False, verbose=False, plot=False, overwrite=True)
     assert again["classifier"]["cached"] and again["reference"]["cached"]
     assert again["wall_seconds"]["classifier"] < 0.5 * res["wall_seconds"]["classifier"]
     for metric in ev.METRICS:

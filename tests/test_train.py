@@ -1,9 +1,9 @@
 """The training CLI and loop: every stage on tiny toy settings, exact resume (in process, after
 SIGKILL and after SIGTERM), mesh and device-count independence, two-process jax.distributed,
 and clear errors on bad input."""
-import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,68 +13,20 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from anyflow_jax.defaults import toy_config
 from anyflow_jax.checkpoints.runs import read_run_file
 from anyflow_jax.errors import RunError
 from anyflow_jax.training import loop, steps
 from anyflow_jax.training.run_checkpoints import RunCheckpointer
+from runs_testlib import TINY_FLAGS, assert_trees_equal, metrics, restore_item, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY_MODEL = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, freq_dim=32)
-TINY_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()] + [
-    "--config.data.global_batch_size=8", "--config.data.num_frames=4", "--config.train.tensorboard=False",
-    "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1", "--config.train.log_every=1",
-    "--config.train.async_checkpointing=False"]
-
-
-def tiny(stage, steps=6, **train):
-    c = toy_config(stage)
-    c.model.update(TINY_MODEL)
-    c.data.update(dict(global_batch_size=8, num_frames=4))
-    c.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    c.train.update(dict(steps=steps, log_every=1, checkpoint_every=3, tensorboard=False, async_checkpointing=False))
-    c.train.update(train)
-    if stage == "on_policy":
-        c.loss.steps_list = [2, 4]
-        c.critic_loss.steps_list = [2, 4]
-    return c
-
-
-def metrics(workdir):
-    rows = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-        for line in fh:
-            row = json.loads(line)
-            rows[row["step"]] = row  # the last record of a step wins (a resume may repeat steps)
-    return [rows[k] for k in sorted(rows)]
-
-
-def restore_item(workdir, step, item):
-    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), item))
-
-
-def assert_trees_equal(a, b):
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(la) == len(lb) and la
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    wd = str(tmp_path_factory.mktemp("teacher"))
-    cfg = tiny("teacher", steps=40, checkpoint_every=20)
-    cfg.optim.update(dict(lr=2e-3, warmup_steps=5))
-    loop.train(cfg, wd)
-    return wd
-
 
 # ------------------------------------------------------------------------------ stages
-def test_toy_teacher_loss_falls(teacher_run):
+def test_toy_teacher_loss_falls(tiny_teacher):
+    teacher_run = tiny_teacher  # conftest: 40 steps, lr 2e-3, checkpoints every 20
     rows = metrics(teacher_run)
     assert [r["step"] for r in rows] == list(range(1, 41))
     first = np.mean([r["loss"] for r in rows[:8]])
@@ -85,8 +37,9 @@ def test_toy_teacher_loss_falls(teacher_run):
     assert meta["stage"] == "teacher" and meta["model"]["num_layers"] == 2
 
 
-def test_flow_map_starts_from_the_teacher_ema_and_runs(teacher_run, tmp_path):
-    cfg = tiny("flow_map", steps=4)
+def test_flow_map_starts_from_the_teacher_ema_and_runs(tiny_teacher, tiny_flow_map, tiny_last):
+    teacher_run = tiny_teacher
+    cfg = tiny("flow_map", steps=4)  # the config of conftest's tiny_flow_map
     cfg.init.student = teacher_run
     nets = loop.build_networks(cfg)
     params = nets.student_params
@@ -94,17 +47,14 @@ def test_flow_map_starts_from_the_teacher_ema_and_runs(teacher_run, tmp_path):
     assert nets.student.flow_map
     assert_trees_equal(params["condition_embedder"]["delta_embedder"], ema["condition_embedder"]["time_embedder"])
     assert_trees_equal(params["blocks"], ema["blocks"])
-    last = loop.train(cfg, str(tmp_path))
+    last = tiny_last["flow_map"]  # loop.train(cfg, ...) of this config, run once for the session
     assert last["step"] == 4 and np.isfinite(last["loss"])
     assert {"loss_diffusion", "loss_consistency", "loss_general", "grad_norm", "lr"} <= set(last)
 
 
-def test_on_policy_and_consistency_run_from_previous_stages(teacher_run, tmp_path):
-    fm = str(tmp_path / "flow_map")
-    cfg = tiny("flow_map", steps=3)
-    cfg.init.student = teacher_run
-    loop.train(cfg, fm)
-
+def test_on_policy_and_consistency_run_from_previous_stages(tiny_teacher, tiny_flow_map, tiny_consistency,
+                                                            tiny_last, tmp_path):
+    teacher_run, fm = tiny_teacher, tiny_flow_map
     cfg = tiny("on_policy", steps=3)
     cfg.init.student, cfg.init.teacher = fm, teacher_run
     last = loop.train(cfg, str(tmp_path / "on_policy"))
@@ -120,9 +70,8 @@ def test_on_policy_and_consistency_run_from_previous_stages(teacher_run, tmp_pat
                 for a, b in zip(jax.tree_util.tree_leaves(critic), jax.tree_util.tree_leaves(teacher)))
     assert moved > 0  # the critic started as the teacher and was trained
 
-    cfg = tiny("consistency", steps=3)
-    cfg.init.student = cfg.init.teacher = teacher_run
-    last = loop.train(cfg, str(tmp_path / "consistency"))
+    # conftest's tiny_consistency: tiny("consistency", steps=3) from the tiny teacher
+    last = tiny_last["consistency"]
     assert last["step"] == 3 and np.isfinite(last["loss"])
 
 
@@ -189,7 +138,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
     _wait_for(lambda: _steps_logged(termed) >= 2, p)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=120)[0]
-    assert p.returncode == 0, out
+    assert p.returncode == 75, out  # saved and stopped: the documented "preempted" status (README)
     stopped = RunCheckpointer(termed, read_only=True).latest_step()
     assert 2 <= stopped < total, stopped
     assert "stopped by SIGTERM" in out
@@ -258,7 +207,9 @@ def test_two_processes_with_jax_distributed(tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad input
-def test_bad_inputs_fail_clearly(tmp_path, teacher_run):
+def test_bad_inputs_fail_clearly(tmp_path, tiny_teacher, tiny_flow_map):
+    teacher_run = str(tmp_path / "teacher")  # resumed below: a copy of the shared run
+    shutil.copytree(tiny_teacher, teacher_run)
     c = tiny("teacher")
     c.stage = "distill"
     with pytest.raises(ValueError, match="config.stage='distill'"):
@@ -289,10 +240,7 @@ def test_bad_inputs_fail_clearly(tmp_path, teacher_run):
     with pytest.raises(RunError, match="incompatible checkpoint.*num_layers"):
         loop.train(c, teacher_run)
     # a consistency run pointed at a flow-map student as its teacher
-    fm = str(tmp_path / "fm")
-    c = tiny("flow_map", steps=1, checkpoint_every=1)
-    c.init.student = teacher_run
-    loop.train(c, fm)
+    fm = tiny_flow_map
     c = tiny("consistency")
     c.init.student, c.init.teacher = teacher_run, fm
     with pytest.raises(RunError, match="config.init.teacher is a flow-map student"):
