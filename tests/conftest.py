@@ -55,9 +55,35 @@ FLOW_MAP_STEPS = 4
 CONSISTENCY_STEPS = 3
 
 
+def _snapshot(path):
+    """Every file under ``path`` with its size and modification time."""
+    out = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            out[os.path.relpath(os.path.join(folder, name), path)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny_runs")
+    """The folder of the shared runs. At the end of the session every shared run must be exactly
+    as its fixture left it (tests read them; a test that writes must work on a copy)."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    trained = {}
+    yield root, trained
+    changed = {wd: sorted(set(snap.items()) ^ set(_snapshot(wd).items())) for wd, snap in trained.items()}
+    changed = {wd: diff for wd, diff in changed.items() if diff}
+    assert not changed, f"a test modified a shared run (copy it with shutil.copytree first): {changed}"
+
+
+def _train_shared(tiny_root, name, cfg):
+    from anyflow_jax.training import loop
+    root, trained = tiny_root
+    wd = str(root / name)
+    last = loop.train(cfg, wd)
+    trained[wd] = _snapshot(wd)
+    return wd, last
 
 
 @pytest.fixture(scope="session")
@@ -69,31 +95,25 @@ def tiny_last():
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_root, tiny_last):
     """A tiny teacher: 40 steps (lr 2e-3, 5 warmup steps), checkpoints at 20 and 40."""
-    from anyflow_jax.training import loop
-    wd = str(tiny_root / "teacher")
     cfg = tiny("teacher", steps=TEACHER_STEPS, checkpoint_every=20)
     cfg.optim.update(dict(lr=2e-3, warmup_steps=5))
-    tiny_last["teacher"] = loop.train(cfg, wd)
+    wd, tiny_last["teacher"] = _train_shared(tiny_root, "teacher", cfg)
     return wd
 
 
 @pytest.fixture(scope="session")
 def tiny_flow_map(tiny_root, tiny_teacher, tiny_last):
-    """A tiny stage-1 flow map: 4 steps from the tiny teacher."""
-    from anyflow_jax.training import loop
-    wd = str(tiny_root / "flow_map")
+    """A tiny stage-1 flow map: 4 steps from the tiny teacher (toy stage-1 settings)."""
     cfg = tiny("flow_map", steps=FLOW_MAP_STEPS)
     cfg.init.student = tiny_teacher
-    tiny_last["flow_map"] = loop.train(cfg, wd)
+    wd, tiny_last["flow_map"] = _train_shared(tiny_root, "flow_map", cfg)
     return wd
 
 
 @pytest.fixture(scope="session")
 def tiny_consistency(tiny_root, tiny_teacher, tiny_last):
-    """A tiny consistency-distillation baseline: 3 steps from the tiny teacher."""
-    from anyflow_jax.training import loop
-    wd = str(tiny_root / "consistency")
+    """A tiny consistency-distillation baseline: 3 steps from the tiny teacher (toy settings)."""
     cfg = tiny("consistency", steps=CONSISTENCY_STEPS)
     cfg.init.student = cfg.init.teacher = tiny_teacher
-    tiny_last["consistency"] = loop.train(cfg, wd)
+    wd, tiny_last["consistency"] = _train_shared(tiny_root, "consistency", cfg)
     return wd

@@ -262,6 +262,7 @@ def _quiet(stderr: str) -> None:
     assert "\r" not in stderr and "%|" not in stderr, stderr  # no progress bar in a log
 
 
+@pytest.mark.slow
 def test_sample_run_has_no_warning_lines_or_progress_bar(tiny_flow_map, tmp_path):
     out = tmp_path / "samples"
     r = subprocess.run([sys.executable, "-m", "anyflow_jax.sample", "--checkpoint", tiny_flow_map, "--steps", "1",
@@ -272,6 +273,7 @@ def test_sample_run_has_no_warning_lines_or_progress_bar(tiny_flow_map, tmp_path
     assert "wrote 2 files" in r.stdout and "1 condition x 1 sample x steps 1" in r.stdout
 
 
+@pytest.mark.slow
 def test_sample_progress_bar_only_when_asked(tiny_flow_map, tmp_path, capsys):
     # capsys's stderr is not a terminal: no bar by default, a bar with --progress
     args = ["--checkpoint", tiny_flow_map, "--steps", "1", "--class", "0", "--format", "npy"]
@@ -291,6 +293,7 @@ _EVAL_SMALL_CLASSIFIER = (
     "sys.exit(ev.main(sys.argv[1:]))\n")
 
 
+@pytest.mark.slow
 def test_evaluate_run_has_no_warning_lines_or_progress_bar(tiny_teacher, tiny_flow_map, tmp_path):
     """The real CLI ``main`` (only the classifier is made tiny, for test time)."""
     out = tmp_path / "eval"

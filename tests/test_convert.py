@@ -208,6 +208,7 @@ def test_same_source_and_destination_is_refused_before_reading(small_diffusers, 
     assert {n: os.path.getmtime(os.path.join(small_diffusers, n)) for n in os.listdir(small_diffusers)} == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_checkpoint_folders(small_diffusers, teacher_run, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     line = expect_error(capsys, tmp_path, "--src", small_diffusers, "--dst", tmp_path / "notes.txt", "--overwrite",
@@ -271,6 +272,7 @@ def test_source_errors_say_what_is_wrong(small_diffusers, tmp_path, capsys):
                  after_reading=True)
 
 
+@pytest.mark.slow
 def test_workdir_only_options_and_empty_workdir(teacher_run, tmp_path, capsys):
     expect_error(capsys, tmp_path, "--src", teacher_run, "--dst", tmp_path / "out", "--flow-map",
                  contains=("--flow-map applies to a diffusers source only", "training workdir"))
@@ -283,6 +285,7 @@ def test_workdir_only_options_and_empty_workdir(teacher_run, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ workdir export
+@pytest.mark.slow
 def test_teacher_workdir_to_diffusers_matches_diffusers_and_ema(teacher_run, tmp_path, capsys):
     from diffusers import WanTransformer3DModel
     code, lines = run(capsys, "--src", teacher_run, "--dst", tmp_path / "exported")
@@ -309,6 +312,7 @@ def test_teacher_workdir_to_diffusers_matches_diffusers_and_ema(teacher_run, tmp
     assert_trees_equal(dif.load_transformer(tmp_path / "raw", dtype=None)[1], raw)
 
 
+@pytest.mark.slow
 def test_workdir_to_orbax_and_newest_intact_step(teacher_run, tmp_path, capsys):
     code, lines = run(capsys, "--src", teacher_run, "--dst", tmp_path / "orbax", "--to", "orbax")
     assert code == 0, lines
@@ -333,6 +337,7 @@ def test_workdir_to_orbax_and_newest_intact_step(teacher_run, tmp_path, capsys):
     assert sorted(os.listdir(wd / "checkpoints")) == ["1", "2"]  # the reader changed nothing
 
 
+@pytest.mark.slow
 def test_flow_map_workdir_to_diffusers_is_an_anyflow_student(flow_map_run, tmp_path, capsys):
     import torch
     from diffusers import WanTransformer3DModel

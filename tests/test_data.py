@@ -471,6 +471,7 @@ jax.distributed.shutdown()
 '''
 
 
+@pytest.mark.slow
 def test_global_batch_two_processes(tmp_path):
     """Two real processes (jax.distributed on localhost, 4 CPU devices each): every process loads
     its own half, and the assembled global batch is the single-process batch."""

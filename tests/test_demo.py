@@ -3,6 +3,7 @@ import importlib.util
 import os
 
 import jax.numpy as jnp
+import pytest
 
 from anyflow_jax import demo
 from anyflow_jax.models.wan import WanTransformer3D
@@ -10,6 +11,7 @@ from anyflow_jax.models.wan import WanTransformer3D
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_demo_runs_and_checks_the_diagonal(capsys):
     assert demo.main(["--batch", "1", "--steps", "2"]) == 0
     out = capsys.readouterr().out

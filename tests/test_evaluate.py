@@ -119,6 +119,7 @@ def test_motion_bayes_accuracy_counts_indistinguishable_videos():
 
 
 # ------------------------------------------------------------------------------ classifier
+@pytest.mark.slow
 def test_classifier_training_is_deterministic_and_round_trips(tmp_path):
     cfg = clf_lib.ClassifierConfig(video_shape=SHAPE4, train_samples=128, train_steps=5, batch_size=16,
                                    test_samples=32, width=4, embed_dim=8)
@@ -162,6 +163,7 @@ def evaluated(tiny_runs, tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow
 def test_the_classifier_learns_from_real_videos(evaluated):
     out, res = evaluated
     acc = res["classifier"]["held_out_accuracy"]
@@ -175,6 +177,7 @@ def test_the_classifier_learns_from_real_videos(evaluated):
     assert back.held_out_accuracy == acc and back.config.video_shape == SHAPE4
 
 
+@pytest.mark.slow
 def test_evaluate_writes_complete_finite_results(evaluated, tiny_runs):
     out, res = evaluated
     with open(os.path.join(out, ev.RESULTS_FILE)) as fh:
@@ -220,6 +223,7 @@ def test_evaluate_writes_complete_finite_results(evaluated, tiny_runs):
     assert rows[1].split()[1:] == [f"{disk['metrics']['accuracy']['stage1'][s]:.3f}" for s in ("1", "2")]
 
 
+@pytest.mark.slow
 def test_evaluate_metrics_match_an_independent_computation(evaluated, tiny_runs):
     import jax.numpy as jnp
     from anyflow_jax.inference import load_generator
@@ -242,6 +246,7 @@ def test_evaluate_metrics_match_an_independent_computation(evaluated, tiny_runs)
     assert m["ode_distance"]["stage1"]["1"] == pytest.approx(ode_distance(x, np.load(ref_file)), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_reuses_its_caches(evaluated, tiny_runs):
     out, res = evaluated
     again = ev.evaluate({"stage1": tiny_runs["stage1"]}, [1], 20, out, reference_teacher=tiny_runs["teacher"],
@@ -283,6 +288,7 @@ def test_cli_errors(args, message, capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.slow
 def test_cli_errors_on_checkpoints(tiny_runs, capsys, tmp_path):
     # a reference teacher that is not a teacher
     assert ev.main(["--models", f"s={tiny_runs['stage1']}", "--reference-teacher", tiny_runs["stage1"],

@@ -66,6 +66,7 @@ def _rewrite(src, dst, edit):
 
 
 # ------------------------------------------------------------------------------ round trips
+@pytest.mark.slow
 def test_export_then_diffusers_from_pretrained_matches(tmp_path):
     from diffusers import WanTransformer3DModel
     model = WanTransformer3D(**CFG)
@@ -83,6 +84,7 @@ def test_export_then_diffusers_from_pretrained_matches(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
 
 
+@pytest.mark.slow
 def test_flow_map_student_export_roundtrip(tmp_path):
     model = WanTransformer3D(**CFG, flow_map=True, gate_value=0.3, deltatime_type="t-r", scan_layers=False)
     params = _random_params(model, seed=3)
@@ -220,6 +222,7 @@ def _convert(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_convert_tool_roundtrip_and_errors(teacher_dir, tmp_path):
     res = _convert("--src", teacher_dir, "--dst", tmp_path / "orbax", "--flow-map")
     assert res.returncode == 0, res.stderr

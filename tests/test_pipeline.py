@@ -3,6 +3,8 @@ previous one's workdir, and a second run resumes instead of retraining."""
 import json
 import os
 
+import pytest
+
 from anyflow_jax import pipeline
 from anyflow_jax.checkpoints.runs import read_run_file
 from anyflow_jax.training.run_checkpoints import RunCheckpointer
@@ -12,6 +14,7 @@ TINY = ["model.num_layers=2", "model.num_attention_heads=2", "model.attention_he
         "mesh.fsdp=1"]
 
 
+@pytest.mark.slow
 def test_pipeline_chains_the_four_stages(tmp_path, capsys):
     root = str(tmp_path / "toy")
     args = ["--workdir", root, "--steps_scale", "0.005", "--eval_steps", ""]

@@ -42,6 +42,7 @@ def fifth_stage():
     assert "narrow_teacher" not in stage_registry.names()
 
 
+@pytest.mark.slow
 def test_a_fifth_stage_needs_one_record_and_nothing_else(fifth_stage, tmp_path):
     # configs: the schema's defaults plus the record's
     base = config_lib.default_config("narrow_teacher")

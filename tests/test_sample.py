@@ -110,6 +110,7 @@ def check_outputs(out, ckpt, kind, classes, steps, scale, guidance, sheet_scale=
 
 
 # ------------------------------------------------------------------------------ CLI, every kind
+@pytest.mark.slow
 def test_teacher_cli_uses_the_ode_sampler_with_cfg3(ckpts, shared, tmp_path, capsys):
     out = str(tmp_path / "teacher")
     rc = S.main(["--checkpoint", ckpts["teacher"], "--steps", "1,2", "--class", "2,5", "--format", "mp4,gif,npy",
@@ -124,6 +125,7 @@ def test_teacher_cli_uses_the_ode_sampler_with_cfg3(ckpts, shared, tmp_path, cap
     assert np.abs(np.load(os.path.join(out, "class2_s0_steps1.npy")) - g1[0]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_flow_map_cli_and_contact_sheet(ckpts, shared, tmp_path, capsys):
     out = str(tmp_path / "fm")
     rc = S.main(["--checkpoint", ckpts["flow_map"], "--kind", "flow_map", "--steps", "2,1", "--class", "7,0,3",
@@ -133,6 +135,7 @@ def test_flow_map_cli_and_contact_sheet(ckpts, shared, tmp_path, capsys):
     check_outputs(out, ckpts["flow_map"], "flow_map", (7, 0, 3), (2, 1), 5, guidance=1.0, sheet_scale=4)
 
 
+@pytest.mark.slow
 def test_consistency_cli_as_a_subprocess(ckpts, tmp_path):
     out = str(tmp_path / "cm")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -147,6 +150,7 @@ def test_consistency_cli_as_a_subprocess(ckpts, tmp_path):
     check_outputs(out, ckpts["consistency"], "consistency", (1, 8), (1, 2), 2, guidance=1.0, sheet_scale=1)
 
 
+@pytest.mark.slow
 def test_seed_repeat_prompt_embedding_and_samples(ckpts, shared, tmp_path, capsys):
     gen = load_generator(ckpts["flow_map"])
     table, _ = class_table(gen)
@@ -214,6 +218,7 @@ BAD = [  # (arguments changed from a valid command, expected message)
 ]
 
 
+@pytest.mark.slow  # the shared trained checkpoints (conftest)
 @pytest.mark.parametrize("over,message", BAD, ids=[m[:30] for _, m in BAD])
 def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(ckpts, tmp_path, capsys, over, message):
     subs = {"MISSING": str(tmp_path / "nope"), "TEACHER": ckpts["teacher"], "CONSISTENCY": ckpts["consistency"],
@@ -235,6 +240,7 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(ckpts, tmp_path, 
         assert open(subs["FILE"]).read() == "x"
 
 
+@pytest.mark.slow
 def test_bad_input_leaves_an_existing_output_folder_untouched(ckpts, tmp_path, capsys):
     out = tmp_path / "existing"
     out.mkdir()

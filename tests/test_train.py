@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------ stages
+@pytest.mark.slow
 def test_toy_teacher_loss_falls(tiny_teacher):
     teacher_run = tiny_teacher  # conftest: 40 steps, lr 2e-3, checkpoints every 20
     rows = metrics(teacher_run)
@@ -37,6 +38,7 @@ def test_toy_teacher_loss_falls(tiny_teacher):
     assert meta["stage"] == "teacher" and meta["model"]["num_layers"] == 2
 
 
+@pytest.mark.slow
 def test_flow_map_starts_from_the_teacher_ema_and_runs(tiny_teacher, tiny_flow_map, tiny_last):
     teacher_run = tiny_teacher
     cfg = tiny("flow_map", steps=4)  # the config of conftest's tiny_flow_map
@@ -52,6 +54,7 @@ def test_flow_map_starts_from_the_teacher_ema_and_runs(tiny_teacher, tiny_flow_m
     assert {"loss_diffusion", "loss_consistency", "loss_general", "grad_norm", "lr"} <= set(last)
 
 
+@pytest.mark.slow
 def test_on_policy_and_consistency_run_from_previous_stages(tiny_teacher, tiny_flow_map, tiny_consistency,
                                                             tiny_last, tmp_path):
     teacher_run, fm = tiny_teacher, tiny_flow_map
@@ -76,6 +79,7 @@ def test_on_policy_and_consistency_run_from_previous_stages(tiny_teacher, tiny_f
 
 
 # ------------------------------------------------------------------------------ resume
+@pytest.mark.slow
 def test_resume_in_process_is_bit_exact(tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     loop.train(tiny("teacher", steps=6), straight)
@@ -207,9 +211,7 @@ def test_two_processes_with_jax_distributed(tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad input
-def test_bad_inputs_fail_clearly(tmp_path, tiny_teacher, tiny_flow_map):
-    teacher_run = str(tmp_path / "teacher")  # resumed below: a copy of the shared run
-    shutil.copytree(tiny_teacher, teacher_run)
+def test_bad_inputs_fail_clearly(tmp_path):
     c = tiny("teacher")
     c.stage = "distill"
     with pytest.raises(ValueError, match="config.stage='distill'"):
@@ -234,6 +236,16 @@ def test_bad_inputs_fail_clearly(tmp_path, tiny_teacher, tiny_flow_map):
     with pytest.raises(RunError, match="not writable"):
         loop.train(tiny("teacher"), str(blocker / "workdir"))
 
+    c = tiny("flow_map")
+    c.loss.bogus = 1
+    with pytest.raises(RunError, match=r"config.loss.bogus is not an option of flow_map_loss"):
+        loop.train(c, str(tmp_path / "e"))
+
+
+@pytest.mark.slow
+def test_bad_workdirs_and_starting_checkpoints_fail_clearly(tmp_path, tiny_teacher, tiny_flow_map):
+    teacher_run = str(tmp_path / "teacher")  # resumed below: a copy of the shared run
+    shutil.copytree(tiny_teacher, teacher_run)
     # resuming a workdir with a different architecture
     c = tiny("teacher", steps=40)
     c.model.num_layers = 3
@@ -245,10 +257,6 @@ def test_bad_inputs_fail_clearly(tmp_path, tiny_teacher, tiny_flow_map):
     c.init.student, c.init.teacher = teacher_run, fm
     with pytest.raises(RunError, match="config.init.teacher is a flow-map student"):
         loop.train(c, str(tmp_path / "d"))
-    c = tiny("flow_map")
-    c.loss.bogus = 1
-    with pytest.raises(RunError, match=r"config.loss.bogus is not an option of flow_map_loss"):
-        loop.train(c, str(tmp_path / "e"))
 
 
 def test_cli_reports_errors_in_one_line(tmp_path):
@@ -259,6 +267,7 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     original = steps.make_generator_step
 
