@@ -37,8 +37,7 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs_testlib import tiny  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runs_testlib, flowmap_testlib
 
 
 def pytest_unconfigure(config):
@@ -66,8 +65,8 @@ def _snapshot(path):
 
 
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    """The folder of the shared runs. At the end of the session every shared run must be exactly
+def shared_runs(tmp_path_factory):
+    """(folder of the shared runs, {workdir: snapshot after training}). At the end of the session every shared run must be exactly
     as its fixture left it (tests read them; a test that writes must work on a copy)."""
     root = tmp_path_factory.mktemp("tiny_runs")
     trained = {}
@@ -77,9 +76,9 @@ def tiny_root(tmp_path_factory):
     assert not changed, f"a test modified a shared run (copy it with shutil.copytree first): {changed}"
 
 
-def _train_shared(tiny_root, name, cfg):
-    from anyflow_jax.training import loop
-    root, trained = tiny_root
+def _train_shared(shared_runs, name, cfg):
+    from anyflow_jax.training import loop  # imported late: a broken library fails these tests, not collection
+    root, trained = shared_runs
     wd = str(root / name)
     last = loop.train(cfg, wd)
     trained[wd] = _snapshot(wd)
@@ -93,27 +92,30 @@ def tiny_last():
 
 
 @pytest.fixture(scope="session")
-def tiny_teacher(tiny_root, tiny_last):
+def tiny_teacher(shared_runs, tiny_last):
     """A tiny teacher: 40 steps (lr 2e-3, 5 warmup steps), checkpoints at 20 and 40."""
+    from runs_testlib import tiny
     cfg = tiny("teacher", steps=TEACHER_STEPS, checkpoint_every=20)
     cfg.optim.update(dict(lr=2e-3, warmup_steps=5))
-    wd, tiny_last["teacher"] = _train_shared(tiny_root, "teacher", cfg)
+    wd, tiny_last["teacher"] = _train_shared(shared_runs, "teacher", cfg)
     return wd
 
 
 @pytest.fixture(scope="session")
-def tiny_flow_map(tiny_root, tiny_teacher, tiny_last):
+def tiny_flow_map(shared_runs, tiny_teacher, tiny_last):
     """A tiny stage-1 flow map: 4 steps from the tiny teacher (toy stage-1 settings)."""
+    from runs_testlib import tiny
     cfg = tiny("flow_map", steps=FLOW_MAP_STEPS)
     cfg.init.student = tiny_teacher
-    wd, tiny_last["flow_map"] = _train_shared(tiny_root, "flow_map", cfg)
+    wd, tiny_last["flow_map"] = _train_shared(shared_runs, "flow_map", cfg)
     return wd
 
 
 @pytest.fixture(scope="session")
-def tiny_consistency(tiny_root, tiny_teacher, tiny_last):
+def tiny_consistency(shared_runs, tiny_teacher, tiny_last):
     """A tiny consistency-distillation baseline: 3 steps from the tiny teacher (toy settings)."""
+    from runs_testlib import tiny
     cfg = tiny("consistency", steps=CONSISTENCY_STEPS)
     cfg.init.student = cfg.init.teacher = tiny_teacher
-    wd, tiny_last["consistency"] = _train_shared(tiny_root, "consistency", cfg)
+    wd, tiny_last["consistency"] = _train_shared(shared_runs, "consistency", cfg)
     return wd

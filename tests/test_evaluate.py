@@ -2,7 +2,6 @@
 end on tiny checkpoints of every kind, and the CLI's errors."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -13,9 +13,11 @@ weights by default) of a workdir's latest checkpoint, without any training code.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -127,7 +129,8 @@ def restore_newest_intact(directory: str, steps: Sequence[int], items: Sequence[
         try:
             check_step(directory, step, items, targets)
             try:
-                result = restore(step)
+                with _quiet_failed_reads():
+                    result = restore(step)
             except DamagedCheckpoint:
                 raise
             except RunError:
@@ -149,6 +152,25 @@ def restore_newest_intact(directory: str, steps: Sequence[int], items: Sequence[
         raise RunError(f"no intact checkpoint in {directory}: " + "; ".join(
             f"step {d.step}: item {d.item!r} {d.reason}" for d in damaged))
     raise RunError(f"{directory}: no checkpoint yet")
+
+
+class _quiet_failed_reads:
+    """While a step is read: when a read fails, TensorStore leaves its sibling reads' coroutines
+    unfinished, and Python prints each one's exception as "Exception ignored in ..." when they
+    are collected. The failure itself is reported (once, naming the step and item); these echoes
+    are collected here, silently."""
+
+    def __enter__(self):
+        self._old = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: None
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is not None:
+                gc.collect()
+        finally:
+            sys.unraisablehook = self._old
 
 
 def _failed_item(e: BaseException, items: Sequence[str]) -> str:

@@ -520,7 +520,8 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
                 check(unchecked)
             loss_key = "loss" if "loss" in out else "critic/loss"
             unchecked = (step, loss_key, out[loss_key])
-            must_save = step % ckpt_every == 0 or step == total or sig.received
+            stop = sig.received  # read once: a signal arriving later in this step is handled at the next
+            must_save = step % ckpt_every == 0 or step == total or bool(stop)
             if step % log_every == 0 or step == total or must_save:
                 check(unchecked)  # never log or save a non-finite step
                 unchecked = None
@@ -533,12 +534,12 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
                 last = dict(scalars, step=step)
             if must_save:
                 run.ckpt.save(state, run.data_iterator)
-                if not sig.received:
+                if not stop:
                     log.info("checkpoint of step %d %s", step,
                              "saving in the background" if run.cfg.train.async_checkpointing else "saved")
-            if sig.received:
+            if stop:
                 run.ckpt.wait()
-                raise Preempted(step, sig.received, run.workdir)
+                raise Preempted(step, stop, run.workdir)
     return last
 
 
