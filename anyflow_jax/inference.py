@@ -128,6 +128,12 @@ class EmbeddingConditioning(Conditioning):
 
     def __init__(self, data: Mapping[str, Any]):
         self.path = data.get("negative_embedding") or ""
+        if not self.path and data.get("paths"):  # a prepare output folder carries its own
+            from anyflow_jax.data.records import RecordFormatError, resolve_record_paths
+            try:
+                self.path = resolve_record_paths(list(data["paths"]))[1] or ""
+            except (RecordFormatError, OSError):
+                self.path = ""
 
     def negative(self):
         if self.path and os.path.isfile(self.path):

@@ -4,12 +4,25 @@
   python -m anyflow_jax.sample --checkpoint runs/toy/teacher --steps 4,32 --class 0,3,7 --num-samples 2 --out samples/t
   python -m anyflow_jax.sample --checkpoint ckpt/wan13b --kind flow_map --prompt-embedding cat.npy \\
       --negative-embedding neg.npy --video-shape 21,60,104,16 --format npy --steps 1,4 --out samples/cat
+  python -m anyflow_jax.sample --checkpoint Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing" --steps 1,2,4,8 \\
+      --out samples/cat                          # a diffusers pipeline folder: prompt -> UMT5 -> DiT -> VAE -> mp4
+  python -m anyflow_jax.sample --checkpoint runs/wan/on_policy --pipeline Wan2.1-T2V-1.3B-Diffusers \\
+      --prompts-file prompts.txt --steps 1,4 --out samples/run   # our workdir + a pipeline's encoder and VAE
 
 For every (condition, sample index, step count) it writes ``<out>/<cond>_s<i>_steps<n>.<fmt>``
 (e.g. ``class3_s0_steps4.mp4``) and a ``contact_sheet.png`` (rows: conditions, first sample;
 columns: step counts; each cell a strip of the video's frames). Sample ``i`` starts from the same
 noise (a function of ``--seed`` and ``i`` only) for every step count and every condition, so
 step counts are directly comparable.
+
+**Text to video** (``--prompt`` / ``--prompts-file``): the checkpoint is a diffusers Wan2.1
+pipeline folder (a teacher, or a released AnyFlow bidirectional student), or any other checkpoint
+plus ``--pipeline <folder>`` for the UMT5 text encoder, tokenizer and Wan VAE
+(``anyflow_jax.text_to_video``). Every prompt (and ``--negative-prompt``, for a teacher's CFG) is
+encoded once, the latents ``(1 + (frames-1)/4, height/8, width/8, z)`` are sampled at every step
+count, then decoded one video at a time. Files are ``prompt<k>_s<i>_steps<n>.mp4`` at 16 fps
+(``--format npy`` adds the normalised latents), ``prompts.json`` maps ``prompt<k>`` to its text,
+and the contact sheet shows shrunken frames.
 
 The sampler follows the checkpoint's kind (``anyflow_jax.inference``): ``teacher`` -> Euler ODE
 with CFG (guidance 3 by default), ``flow_map`` (AnyFlow stage 1 or 2) -> any-step flow-map jumps
@@ -41,6 +54,7 @@ from anyflow_jax.cli import UsageError
 
 NUM_CLASSES = 10
 SHEET_NAME = "contact_sheet.png"
+PROMPTS_NAME = "prompts.json"
 
 
 # ------------------------------------------------------------------------------ library
@@ -115,23 +129,17 @@ def check_checkpoint(path: str, kind: str | None = None) -> None:
     whose ``run.json`` names its stage) of the expected ``kind``; nothing is loaded."""
     if not os.path.exists(os.path.expanduser(path)):
         raise UsageError(f"--checkpoint {path} does not exist")
-    from anyflow_jax import stages as stage_registry
-    from anyflow_jax.checkpoints import diffusers as dif
-    from anyflow_jax.checkpoints import model as model_ckpt
     from anyflow_jax.checkpoints import runs as run_files
     from anyflow_jax.errors import RunError
     full = os.path.abspath(os.path.expanduser(path))
     try:
         src_kind = run_files.checkpoint_kind(full)
     except RunError:
-        raise UsageError(f"--checkpoint {path} is not a checkpoint (expected a training workdir with "
-                         f"{run_files.RUN_FILE}, an Orbax model checkpoint with {model_ckpt.MODEL_FILE} or a "
-                         f"diffusers transformer folder with {dif.CONFIG_NAME})") from None
+        raise UsageError(f"--checkpoint {run_files.not_a_checkpoint(path)}") from None
     if src_kind != "workdir" or kind is None:
         return
     try:
-        stage = (run_files.read_run_file(full) or {}).get("stage")
-        found = stage_registry.get(stage).sampler if stage is not None else None
+        stage, found = run_files.workdir_sampler(full)
     except (RunError, OSError, ValueError, KeyError) as e:
         raise UsageError(f"--checkpoint {path}: cannot read {run_files.RUN_FILE}: {e}") from None
     if found is not None and found != kind:  # the loader raises the same error, after loading
@@ -195,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="digit classes of a moving-digits run (default: all, 0..9)")
     cond.add_argument("--prompt-embedding", action="append", metavar="FILE.npy",
                       help="a text embedding (L, D) or (1, L, D); repeat for several prompts")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a text prompt (repeat for several); needs a Wan2.1 pipeline folder as --checkpoint or "
+                        "--pipeline")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="text prompts, one per non-empty line (after the --prompt values)")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="negative prompt for classifier-free guidance (default: the empty prompt, as Wan's "
+                        "pipeline)")
+    p.add_argument("--pipeline", metavar="DIR",
+                   help="diffusers Wan2.1 pipeline folder whose text_encoder/, tokenizer/ and vae/ to use "
+                        "(default: --checkpoint when it is one)")
+    p.add_argument("--height", type=int, default=None, help="video height in pixels for text prompts (default 480)")
+    p.add_argument("--width", type=int, default=None, help="video width in pixels for text prompts (default 832)")
+    p.add_argument("--frames", type=int, default=None, help="video frames for text prompts, 1 + 4k (default 81)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype of the transformer and the text encoder (default: the checkpoint's, "
+                        "float32 for diffusers folders; the VAE decodes in float32)")
     p.add_argument("--negative-embedding", metavar="FILE.npy",
                    help="negative-prompt embedding (L, D) or (1, L, D) for guidance > 1 (default: the one the "
                         "run trained with, when known)")
@@ -205,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CFG scale (default: 3 for a teacher, 1 for flow-map and consistency models)")
     p.add_argument("--kind", choices=("teacher", "flow_map", "consistency"),
                    help="expected checkpoint kind (checked; needed for a consistency model outside a workdir)")
-    p.add_argument("--format", default="mp4,gif", metavar="FMT,...",
-                   help="comma-separated subset of mp4,gif,npy (default mp4,gif)")
-    p.add_argument("--scale", type=int, default=8, help="integer nearest-neighbour upscaling (default 8)")
-    p.add_argument("--fps", type=float, default=8.0, help="frames per second (default 8)")
+    p.add_argument("--format", default=None, metavar="FMT,...",
+                   help="comma-separated subset of mp4,gif,npy (default mp4,gif; mp4 for text prompts)")
+    p.add_argument("--scale", type=int, default=None,
+                   help="integer nearest-neighbour upscaling (default 8; 1 for text prompts)")
+    p.add_argument("--fps", type=float, default=None, help="frames per second (default 8; 16 for text prompts)")
     p.add_argument("--sheet-scale", type=int, default=None, metavar="S",
                    help="upscaling of the contact-sheet frames (default: --scale, at most 4)")
     p.add_argument("--sheet-frames", type=int, default=8, metavar="N",
@@ -224,8 +250,77 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(os.path.expanduser(args.prompts_file), encoding="utf-8") as fh:
+                prompts += [line.strip() for line in fh if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompts-file {args.prompts_file} cannot be read: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        if not prompts:
+            raise UsageError(f"--prompts-file {args.prompts_file} has no prompts (one per non-empty line)")
+    return prompts
+
+
+def _json_field(path: str, field: str, what: str) -> int:
+    import json
+    try:
+        with open(path) as fh:
+            return int(json.load(fh)[field])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{what} {path} has no readable {field!r}: {type(e).__name__}: {e}") from None
+
+
+def _validate_text(args, opts) -> None:
+    """Text-prompt mode: the prompts, the pipeline folder, the pixel and latent shapes."""
+    from anyflow_jax import text_to_video as t2v
+    for flag, value in (("--class", args.classes), ("--prompt-embedding", args.prompt_embedding),
+                        ("--video-shape", args.video_shape), ("--negative-embedding", args.negative_embedding)):
+        if value:
+            raise UsageError(f"{flag} cannot be combined with --prompt/--prompts-file" +
+                             (" (use --frames, --height, --width)" if flag == "--video-shape" else ""))
+    prompts = _read_prompts(args)
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise UsageError(f"--prompt {empty[0] + 1} is empty")
+    opts["text_prompts"] = {f"prompt{k}": p for k, p in enumerate(prompts)}
+    frames = t2v.DEFAULT_FRAMES if args.frames is None else args.frames
+    height = t2v.DEFAULT_HEIGHT if args.height is None else args.height
+    width = t2v.DEFAULT_WIDTH if args.width is None else args.width
+    if not os.path.exists(os.path.expanduser(args.checkpoint)):
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
+    try:
+        transformer, pipeline = t2v.resolve_checkpoint(args.checkpoint, args.pipeline)
+    except t2v.PipelineError as e:
+        raise UsageError(str(e)) from None
+    z_dim = _json_field(os.path.join(pipeline, "vae", "config.json"), "z_dim", "the VAE config")
+    try:
+        opts["video_shape"] = t2v.latent_shape(frames, height, width, z_dim=z_dim)
+    except ValueError as e:
+        raise UsageError(f"--frames/--height/--width: {e}") from None
+    opts["text_dim"] = _json_field(os.path.join(pipeline, "text_encoder", "config.json"), "d_model",
+                                   "the text encoder config")
+    opts["pixels"] = (frames, height, width)
+    opts["transformer"], opts["pipeline"] = transformer, pipeline
+
+
 def _validate(args) -> dict:
-    opts = dict(steps=parse_steps(args.steps), formats=parse_formats(args.format))
+    text = bool(args.prompt or args.prompts_file)
+    if not text:
+        for flag, value in (("--pipeline", args.pipeline), ("--height", args.height), ("--width", args.width),
+                            ("--frames", args.frames), ("--negative-prompt", args.negative_prompt)):
+            if value:
+                raise UsageError(f"{flag} is only used with text prompts (--prompt or --prompts-file)")
+    if args.format is None:
+        args.format = "mp4" if text else "mp4,gif"
+    if args.scale is None:
+        args.scale = 1 if text else 8
+    if args.fps is None:
+        from anyflow_jax.text_to_video import DEFAULT_FPS
+        args.fps = float(DEFAULT_FPS) if text else 8.0
+    opts = dict(steps=parse_steps(args.steps), formats=parse_formats(args.format), text_prompts=None)
     for name, value, low in (("--num-samples", args.num_samples, 1), ("--scale", args.scale, 1),
                              ("--sheet-frames", args.sheet_frames, 1), ("--batch-size", args.batch_size, 0),
                              ("--sheet-scale", 1 if args.sheet_scale is None else args.sheet_scale, 1),
@@ -246,8 +341,13 @@ def _validate(args) -> dict:
                            for f in args.prompt_embedding}
     opts["negative"] = _load_embedding(args.negative_embedding, "--negative-embedding") \
         if args.negative_embedding else None
+    from anyflow_jax.text_to_video import is_pipeline
+    full = os.path.abspath(os.path.expanduser(args.checkpoint))
+    opts["transformer"] = os.path.join(full, "transformer") if is_pipeline(full) else args.checkpoint
+    if text:
+        _validate_text(args, opts)
     check_writers(opts["formats"])
-    check_checkpoint(args.checkpoint, args.kind)
+    check_checkpoint(opts["transformer"], args.kind)
     check_output_dir(args.out)
     return opts
 
@@ -294,6 +394,10 @@ def _resolve(gen, args, opts):
     if shape[3] != model.in_channels:
         raise UsageError(f"--video-shape has {shape[3]} channels; the model expects in_channels={model.in_channels}")
     pt, ph, pw = model.patch_size
+    if opts.get("text_prompts") is not None and (shape[0] % pt or shape[1] % ph or shape[2] % pw):
+        raise UsageError(f"--frames/--height/--width {'x'.join(map(str, opts['pixels']))} give latents "
+                         f"{'x'.join(map(str, shape[:3]))}, not divisible by the model's patch size "
+                         f"{tuple(model.patch_size)}: use sides that are multiples of {8 * max(ph, pw)}")
     if shape[0] % pt or shape[1] % ph or shape[2] % pw:
         raise UsageError(f"video shape {shape} is not divisible by the model's patch size {tuple(model.patch_size)} "
                          f"in (F, H, W)")
@@ -306,9 +410,10 @@ def _resolve(gen, args, opts):
         raise UsageError(f"guidance {guidance:g} needs a negative embedding (--negative-embedding FILE.npy) "
                          f"or --guidance 1")
     image_formats = [f for f in opts["formats"] if f in vid.IMAGE_FORMATS]
-    if image_formats and shape[3] not in (1, 3):
+    if image_formats and shape[3] not in (1, 3) and opts.get("text_prompts") is None:
         raise UsageError(f"--format {','.join(image_formats)} needs 1 or 3 channels, the samples have {shape[3]} "
-                         f"(latents need a VAE decoder); use --format npy")
+                         f"(latents need a VAE decoder: sample from text prompts with --prompt and a pipeline "
+                         f"folder); use --format npy")
     return conditions, labels, neg, tuple(shape), guidance
 
 
@@ -316,10 +421,21 @@ def _steps_label(s: int) -> str:
     return cli.plural(s, "step")
 
 
-def _write_all(out_dir, videos, conditions, labels, args, opts, shape, gen) -> list[str]:
-    """Write every file; returns their paths. On failure removes what it wrote."""
+def _sheet_shrink(frame_hw: tuple[int, int], target: int = 96) -> int:
+    """Integer stride that brings the larger side of a frame down to about ``target`` pixels."""
+    return max(1, -(-max(frame_hw) // target))
+
+
+def _write_all(out_dir, videos, conditions, labels, args, opts, shape, kind, decode=None) -> list[str]:
+    """Write every file; returns their paths. On failure removes what it wrote.
+
+    ``videos`` are the samples (float videos, or latents when ``decode`` is given); ``decode``
+    maps a latent to its uint8 RGB video (the VAE)."""
     written: list[str] = []
     created = cli.missing_dirs(out_dir)
+    image_formats = [f for f in opts["formats"] if f in vid.IMAGE_FORMATS]
+    drawable = decode is not None or shape[3] in (1, 3)
+    sheet_cells: dict = {}
     try:
         os.makedirs(out_dir, exist_ok=True)
         for (name, i, steps), v in videos.items():
@@ -327,21 +443,33 @@ def _write_all(out_dir, videos, conditions, labels, args, opts, shape, gen) -> l
             if "npy" in opts["formats"]:
                 vid.write_npy(base + ".npy", v)
                 written.append(base + ".npy")
-            if any(f in vid.IMAGE_FORMATS for f in opts["formats"]):
-                u = vid.upscale(vid.to_uint8(v), args.scale)
+            if not drawable or (not image_formats and i != 0):
+                continue
+            frames = decode(v) if decode is not None else vid.to_uint8(v)
+            if image_formats:
+                u = vid.upscale(frames, args.scale)
                 for fmt, writer in (("mp4", vid.write_mp4), ("gif", vid.write_gif)):
                     if fmt in opts["formats"]:
                         writer(base + "." + fmt, u, fps=args.fps)
                         written.append(base + "." + fmt)
-        if shape[3] in (1, 3):
-            sheet_scale = opts["sheet_scale"]
-            uint8 = {(n, s): vid.upscale(vid.to_uint8(videos[(n, 0, s)]), sheet_scale)
-                     for n in conditions for s in opts["steps"]}
-            rows = [(label, [uint8[(n, s)] for s in opts["steps"]]) for n, label in zip(conditions, labels)]
+            if i == 0:
+                if decode is not None:  # real-size frames: shrink for the sheet
+                    k = _sheet_shrink(frames.shape[1:3])
+                    sheet_cells[(name, steps)] = frames[:, ::k, ::k]
+                else:
+                    sheet_cells[(name, steps)] = vid.upscale(frames, opts["sheet_scale"])
+        if drawable:
+            rows = [(label, [sheet_cells[(n, s)] for s in opts["steps"]]) for n, label in zip(conditions, labels)]
             sheet = vid.contact_sheet(rows, [_steps_label(s) for s in opts["steps"]],
-                                      max_frames=args.sheet_frames, corner=gen.kind)
+                                      max_frames=args.sheet_frames, corner=kind)
             path = os.path.join(out_dir, SHEET_NAME)
             vid.write_png(path, sheet)
+            written.append(path)
+        if opts.get("text_prompts"):
+            import json
+            path = os.path.join(out_dir, PROMPTS_NAME)
+            from anyflow_jax.fileio import atomic_write_bytes
+            atomic_write_bytes(path, json.dumps(opts["text_prompts"], indent=2, ensure_ascii=False).encode())
             written.append(path)
     except BaseException:
         for p in written:
@@ -352,6 +480,36 @@ def _write_all(out_dir, videos, conditions, labels, args, opts, shape, gen) -> l
     return written
 
 
+def _encode_text(args, opts) -> None:
+    """Encode the prompts and the negative prompt once (UMT5); fills ``opts['prompts']`` and
+    ``opts['negative']``."""
+    from anyflow_jax import text_to_video as t2v
+    names, texts = list(opts["text_prompts"]), list(opts["text_prompts"].values())
+    try:
+        ctx, neg = t2v.encode_prompts(opts["pipeline"], texts, args.negative_prompt, dtype=_dtype(args.dtype),
+                                      log=_log(args))
+    except (ValueError, OSError) as e:
+        raise UsageError(f"text encoder of {opts['pipeline']}: {e}") from None
+    if ctx.shape[-1] != opts["text_dim"]:
+        raise UsageError(f"the text encoder gives width {ctx.shape[-1]}, its config says d_model={opts['text_dim']}")
+    opts["prompts"] = dict(zip(names, ctx))
+    opts["negative"] = neg
+
+
+def _dtype(name):
+    if name is None:
+        return None
+    import jax.numpy as jnp
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _log(args):
+    """Stage messages on stderr (also in logs; ``--no-progress`` silences them)."""
+    if getattr(args, "progress", None) is False:
+        return None
+    return lambda m: print(m, file=sys.stderr, flush=True)
+
+
 def run(args) -> str:
     """Validate, load, sample and write; returns the summary line. Raises UsageError / ValueError."""
     opts = _validate(args)  # every flag is checked before a model is loaded; nothing is left written
@@ -359,15 +517,24 @@ def run(args) -> str:
     from tqdm import tqdm
 
     from anyflow_jax import inference
+    text = opts["text_prompts"] is not None
+    if text:
+        _encode_text(args, opts)  # once per prompt, before the transformer takes the memory
+    runtime = {"dtype": _dtype(args.dtype)} if args.dtype else None
+    log = _log(args) if text else None
+    if log:
+        log(f"loading the transformer from {opts['transformer']}")
     try:
-        gen = inference.load_generator(args.checkpoint, kind=args.kind)
+        gen = inference.load_generator(opts["transformer"], kind=args.kind, model_kwargs=runtime)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     conditions, labels, neg, shape, guidance = _resolve(gen, args, opts)
+    if text:
+        labels = [opts["text_prompts"][n] for n in conditions]
 
     total = len(conditions) * args.num_samples * len(opts["steps"])
-    with tqdm(total=total, unit="video", desc=f"sampling ({gen.kind})", dynamic_ncols=True,
-              disable=cli.progress_disable(getattr(args, "progress", None))) as bar:
+    disable = cli.progress_disable(getattr(args, "progress", None))
+    with tqdm(total=total, unit="video", desc=f"sampling ({gen.kind})", dynamic_ncols=True, disable=disable) as bar:
         def progress(n, steps):
             bar.set_postfix_str(_steps_label(steps))
             bar.update(n)
@@ -379,18 +546,43 @@ def run(args) -> str:
     if bad:
         print(f"warning: {bad} of {len(videos)} samples have non-finite values", file=sys.stderr)
 
+    decode, kind = None, gen.kind
+    if text:
+        del gen  # the transformer's memory goes to the VAE
+        import gc
+        gc.collect()
+        from anyflow_jax.text_to_video import VideoDecoder
+        if log:
+            log(f"loading the VAE from {os.path.join(opts['pipeline'], 'vae')}")
+        try:
+            decoder = VideoDecoder.from_pipeline(opts["pipeline"])
+        except (ValueError, OSError) as e:
+            raise UsageError(f"VAE of {opts['pipeline']}: {e}") from None
+        bar = tqdm(total=len(videos) if "mp4" in opts["formats"] or "gif" in opts["formats"] else
+                   len(conditions) * len(opts["steps"]), unit="video", desc="decoding (VAE)", dynamic_ncols=True,
+                   disable=disable)
+
+        def decode(z):
+            out = decoder(z)
+            bar.update(1)
+            return out
     out_dir = os.path.abspath(os.path.expanduser(args.out))
     try:
-        written = _write_all(out_dir, videos, conditions, labels, args, opts, shape, gen)
+        written = _write_all(out_dir, videos, conditions, labels, args, opts, shape, kind, decode=decode)
     except OSError as e:
         raise UsageError(f"cannot write to {args.out}: {e.strerror or e}") from None
-    n_files = sum(not p.endswith(SHEET_NAME) for p in written)
+    finally:
+        if decode is not None:
+            bar.close()
+    n_files = sum(not p.endswith((SHEET_NAME, PROMPTS_NAME)) for p in written)
     sheet = f" and {SHEET_NAME}" if any(p.endswith(SHEET_NAME) for p in written) else ""
 
     n = cli.plural
+    what = (f"video {'x'.join(map(str, opts['pixels']))} (latent {'x'.join(map(str, shape))})" if text
+            else f"video {'x'.join(map(str, shape))}")
     return (f"wrote {n(n_files, 'file')} ({','.join(opts['formats'])}) for {n(len(conditions), 'condition')} x "
             f"{n(args.num_samples, 'sample')} x steps {','.join(map(str, opts['steps']))}{sheet} to {args.out} "
-            f"[{gen.kind}, guidance {guidance:g}, seed {args.seed}, video {'x'.join(map(str, shape))}]")
+            f"[{kind}, guidance {guidance:g}, seed {args.seed}, {what}]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

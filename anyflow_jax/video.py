@@ -165,6 +165,7 @@ def sheet_size(num_rows: int, num_cols: int, frame_hw: tuple[int, int], frames_p
 
 
 def _fit(draw, text: str, width: int, font) -> str:
+    text = " ".join(str(text).split())  # one line: prompts may hold line breaks
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:

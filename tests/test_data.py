@@ -507,3 +507,42 @@ def test_global_batch_two_processes(tmp_path):
     for ln in lines[0]:
         _, _, got, ref = ln.split()
         assert float(got) == float(ref)                        # global sum == single-process sum
+
+
+def test_resolve_record_paths_reads_prepare_folders(tmp_path):
+    import json
+
+    from anyflow_jax.data import RecordFormatError, resolve_record_paths
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    with pytest.raises(RecordFormatError, match="without manifest.json"):
+        resolve_record_paths([str(folder)])
+    (folder / "manifest.json").write_text(json.dumps({"files": []}))
+    with pytest.raises(RecordFormatError, match="lists no record files"):
+        resolve_record_paths(str(folder))
+    (folder / "manifest.json").write_text(json.dumps({"files": ["train-00000-of-00002.array_record",
+                                                                "train-00001-of-00002.array_record"]}))
+    files, neg = resolve_record_paths([str(folder), "/elsewhere/x.array_record"])
+    assert files == [str(folder / "train-00000-of-00002.array_record"),
+                     str(folder / "train-00001-of-00002.array_record"), "/elsewhere/x.array_record"]
+    assert neg is None  # no negative embedding in the folder
+    (folder / "negative_embedding.npy").write_bytes(b"")
+    assert resolve_record_paths([str(folder)])[1] == str(folder / "negative_embedding.npy")
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(RecordFormatError, match="unreadable manifest"):
+        resolve_record_paths([str(folder)])
+
+
+def test_records_carry_key_and_context_length(tmp_path):
+    from anyflow_jax.data import ArrayRecordLatentSource, decode_sample, encode_sample, write_latent_records
+    lat, ctx = np.zeros((2, 2, 2, 4), np.float32), np.ones((6, 8), np.float32)
+    rec = decode_sample(encode_sample({"latents": lat, "context": ctx, "key": "clips/a.mp4", "context_length": 3}))
+    assert rec["key"] == "clips/a.mp4" and int(rec["context_length"]) == 3
+    with pytest.raises(ValueError, match="key must be a str"):
+        encode_sample({"latents": lat, "context": ctx, "key": 7})
+    path = str(tmp_path / "k.array_record")
+    write_latent_records(path, [{"latents": lat, "context": ctx, "key": f"v{i}", "context_length": i + 1}
+                                for i in range(3)])
+    assert set(ArrayRecordLatentSource(path)[1]) == {"latents", "context"}  # descriptive keys stay out of batches
+    full = ArrayRecordLatentSource(path, include_caption=True)[2]
+    assert full["key"] == "v2" and int(full["context_length"]) == 3

@@ -10,7 +10,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "anyflow_jax")
 ENTRY_POINTS = ("anyflow_jax.train", "anyflow_jax.sample", "anyflow_jax.evaluate", "anyflow_jax.pipeline",
-                "anyflow_jax.demo")
+                "anyflow_jax.demo", "anyflow_jax.prepare")
 
 
 def _module_name(path):
@@ -72,7 +72,8 @@ def _forbidden(mods, prefixes):
 
 def test_lower_layers_never_reach_training_evaluation_or_entry_points():
     lower = [m for m in MODULES if m.split(".")[1:2] and m.split(".")[1] in ("flow", "losses", "models", "checkpoints")
-             or m in ("anyflow_jax.schedule", "anyflow_jax.sampling", "anyflow_jax.stages", "anyflow_jax.config")]
+             or m in ("anyflow_jax.schedule", "anyflow_jax.sampling", "anyflow_jax.stages", "anyflow_jax.config",
+                      "anyflow_jax.text")]
     assert len(lower) > 15
     banned = ("anyflow_jax.training", "anyflow_jax.evaluation", "anyflow_jax.inference") + ENTRY_POINTS
     bad = {m: _forbidden(_closure(m), banned) for m in lower}
@@ -81,7 +82,8 @@ def test_lower_layers_never_reach_training_evaluation_or_entry_points():
 
 def test_sampling_and_inference_never_need_the_trainer():
     for m in ("anyflow_jax.inference", "anyflow_jax.sample", "anyflow_jax.flow.sampling",
-              "anyflow_jax.evaluation.harness"):
+              "anyflow_jax.evaluation.harness", "anyflow_jax.text_to_video", "anyflow_jax.text",
+              "anyflow_jax.prepare"):
         assert _forbidden(_closure(m), ("anyflow_jax.training",)) == [], m
 
 

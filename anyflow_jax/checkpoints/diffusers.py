@@ -147,27 +147,29 @@ def _expected_shapes(model: WanTransformer3D) -> dict[str, tuple[int, ...]]:
 
 # ----------------------------------------------------------------------------------- reading
 class _TensorStore:
-    """All tensors of a diffusers transformer directory, by name, read lazily."""
+    """All tensors of a safetensors folder, by name, read lazily: one weights file, or an index
+    and its shards (diffusers names by default; transformers folders pass theirs)."""
 
-    def __init__(self, path: str):
-        index_path = os.path.join(path, INDEX_NAME)
-        single = os.path.join(path, WEIGHTS_NAME)
+    def __init__(self, path: str, *, weights_name: str = WEIGHTS_NAME, index_name: str = INDEX_NAME):
+        index_path = os.path.join(path, index_name)
+        single = os.path.join(path, weights_name)
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         if os.path.isfile(index_path):
             try:
                 with open(index_path) as fh:
                     weight_map = json.load(fh)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = {str(k): str(v) for k, v in weight_map.items()}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
             for fname in sorted(set(weight_map.values())):
                 fpath = os.path.join(path, fname)
                 if not os.path.isfile(fpath):
-                    raise CheckpointError(f"{path}: shard {fname} listed in {INDEX_NAME} is missing")
+                    raise CheckpointError(f"{path}: shard {fname} listed in {index_name} is missing")
                 self.files[fname] = SafetensorsFile(fpath)
             for name, fname in weight_map.items():
                 if name not in self.files[fname].entries:
-                    raise CheckpointError(f"{path}: tensor {name!r} listed in {INDEX_NAME} is not in {fname}")
+                    raise CheckpointError(f"{path}: tensor {name!r} listed in {index_name} is not in {fname}")
                 self.where[name] = fname
             for fname, f in self.files.items():
                 extra = sorted(set(f.keys()) - set(weight_map))
@@ -177,9 +179,11 @@ class _TensorStore:
             candidates = [single] if os.path.isfile(single) else sorted(
                 os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
             if len(candidates) != 1:
+                other = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
+                hint = f" (PyTorch pickles {other} are not read; convert them to safetensors)" if other else ""
                 raise CheckpointError(
-                    f"{path}: expected {WEIGHTS_NAME} or {INDEX_NAME}; found "
-                    f"{[os.path.basename(c) for c in candidates] or 'no safetensors files'}")
+                    f"{path}: expected {weights_name} or {index_name}; found "
+                    f"{[os.path.basename(c) for c in candidates] or 'no safetensors files'}{hint}")
             fname = os.path.basename(candidates[0])
             self.files[fname] = SafetensorsFile(candidates[0])
             self.where = {name: fname for name in self.files[fname].keys()}
@@ -461,3 +465,18 @@ def save_transformer(path, model: WanTransformer3D, params, *, dtype=None,
     finally:
         if bar is not None:
             bar.close()
+
+
+# ----------------------------------------------------------------------------------- the other parts
+# The text encoder and the VAE of a diffusers Wan2.1 pipeline have their own loaders
+# (checkpoints/text_encoder.py, checkpoints/vae.py), which build on this module; they are
+# re-exported here lazily so that ``from anyflow_jax.interop.diffusers import load_text_encoder,
+# load_vae`` sits next to ``load_transformer``.
+_PARTS = {"load_text_encoder": "anyflow_jax.checkpoints.text_encoder", "load_vae": "anyflow_jax.checkpoints.vae"}
+
+
+def __getattr__(name):
+    if name in _PARTS:
+        import importlib
+        return getattr(importlib.import_module(_PARTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

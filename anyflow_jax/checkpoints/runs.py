@@ -57,16 +57,44 @@ def read_run_file(workdir: str) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------- kinds
+PIPELINE_INDEX = "model_index.json"
+
+
+def pipeline_transformer(path: str) -> str | None:
+    """``<path>/transformer`` when ``path`` is a diffusers pipeline folder (``model_index.json``
+    and a ``transformer/`` folder with its ``config.json``), else None."""
+    sub = os.path.join(path, "transformer")
+    if os.path.isfile(os.path.join(path, PIPELINE_INDEX)) and os.path.isfile(os.path.join(sub, dif.CONFIG_NAME)):
+        return sub
+    return None
+
+
 def checkpoint_kind(path: str) -> str:
-    """``'workdir'``, ``'model'`` or ``'diffusers'``; anything else is a :class:`RunError`."""
+    """``'workdir'``, ``'model'`` or ``'diffusers'`` (a transformer folder, or a pipeline folder
+    whose ``transformer/`` is read); anything else is a :class:`RunError`."""
     if os.path.isfile(os.path.join(path, RUN_FILE)):
         return "workdir"
     if model_ckpt.is_model_checkpoint(path):
         return "model"
-    if os.path.isfile(os.path.join(path, dif.CONFIG_NAME)):
+    if os.path.isfile(os.path.join(path, dif.CONFIG_NAME)) or pipeline_transformer(path):
         return "diffusers"
     raise RunError(f"{path}: not a starting checkpoint; expected a training workdir ({RUN_FILE}), an Orbax model "
                    f"checkpoint ({model_ckpt.MODEL_FILE}) or a diffusers transformer folder ({dif.CONFIG_NAME})")
+
+
+def not_a_checkpoint(path: str) -> str:
+    """The one-line reason a command refuses ``path`` (as the user wrote it) that :func:`checkpoint_kind`
+    does not recognise; callers prefix their own label (a flag, a model name)."""
+    return (f"{path} is not a checkpoint (expected a training workdir with {RUN_FILE}, an Orbax model checkpoint "
+            f"with {model_ckpt.MODEL_FILE} or a diffusers transformer folder with {dif.CONFIG_NAME})")
+
+
+def workdir_sampler(path: str) -> tuple[str | None, str | None]:
+    """``(stage, sampler kind)`` of the training workdir ``path`` as its ``run.json`` names them
+    (``(None, None)`` when it names no stage); an unreadable file or unknown stage raises."""
+    from anyflow_jax import stages as stage_registry
+    stage = (read_run_file(path) or {}).get("stage")
+    return stage, (stage_registry.get(stage).sampler if stage is not None else None)
 
 
 class DamagedCheckpoint(RunError):
@@ -221,6 +249,7 @@ def load_start(path: str, *, runtime: dict, use_ema: bool = True,
         raise RunError(f"{field}={path}: no such checkpoint")
     kind = checkpoint_kind(path)
     if kind == "diffusers":
+        path = pipeline_transformer(path) or path
         model, params = dif.load_transformer(path, model_kwargs=runtime)
         return model, params, f"diffusers transformer {path}"
     if kind == "model":

@@ -33,6 +33,7 @@ from anyflow_jax.data.records import (
     decode_sample,
     encode_sample,
     read_latent_records,
+    resolve_record_paths,
     write_latent_records,
 )
 from anyflow_jax.data.sharding import batch_sharding, global_batch
@@ -44,6 +45,6 @@ __all__ = [
     "TrainIterator", "iterator_state_to_bytes", "make_train_iterator", "orbax_restore_args",
     "orbax_save_args", "restore_iterator_state",
     "ArrayRecordLatentSource", "RecordFormatError", "decode_sample", "encode_sample",
-    "read_latent_records", "write_latent_records",
+    "read_latent_records", "resolve_record_paths", "write_latent_records",
     "batch_sharding", "global_batch",
 ]

@@ -6,7 +6,9 @@ One ArrayRecord record per sample. Each record is a msgpack map (see ``docs/data
      "latents": {"dtype": "bfloat16", "shape": [F, H, W, C], "data": <bytes>},
      "context": {"dtype": "float32",  "shape": [L, D],       "data": <bytes>},
      "caption": "a cat ...",   # optional str
-     "label": 3}               # optional int
+     "label": 3,               # optional int
+     "key": "clips/0001.mp4",  # optional str: where the sample came from (prepare writes it)
+     "context_length": 12}     # optional int: the prompt's token count (context is 0 past it)
 
 Arrays are stored as raw little-endian C-order bytes with their numpy dtype name (``bfloat16``
 through ``ml_dtypes``, which JAX ships), so any msgpack reader in any language can decode them.
@@ -26,7 +28,11 @@ import numpy as np
 
 FORMAT = "anyflow-latents/1"
 ARRAY_KEYS = ("latents", "context")
-OPTIONAL_KEYS = ("caption", "label")
+OPTIONAL_KEYS = ("caption", "label", "key", "context_length")
+#: optional keys whose values are strings (kept out of batches unless asked for)
+STRING_KEYS = ("caption", "key")
+#: keys that describe a sample rather than feed the model (dropped unless ``include_caption``)
+DESCRIPTIVE_KEYS = ("caption", "key", "context_length")
 _ALLOWED_DTYPES = ("float32", "bfloat16", "float16")
 _WRITER_OPTIONS = "group_size:1"
 
@@ -76,12 +82,14 @@ def encode_sample(sample: Mapping[str, Any]) -> bytes:
         raise ValueError(f"context must be (L, text_dim), got shape {ctx.shape}")
     rec: dict[str, Any] = {"format": FORMAT, "latents": _encode_array(lat, "latents"),
                            "context": _encode_array(ctx, "context")}
-    if sample.get("caption") is not None:
-        if not isinstance(sample["caption"], str):
-            raise ValueError(f"caption must be a str, got {type(sample['caption']).__name__}")
-        rec["caption"] = sample["caption"]
-    if sample.get("label") is not None:
-        rec["label"] = int(sample["label"])
+    for k in STRING_KEYS:
+        if sample.get(k) is not None:
+            if not isinstance(sample[k], str):
+                raise ValueError(f"{k} must be a str, got {type(sample[k]).__name__}")
+            rec[k] = sample[k]
+    for k in ("label", "context_length"):
+        if sample.get(k) is not None:
+            rec[k] = int(sample[k])
     return serialization.msgpack_serialize(rec)
 
 
@@ -95,10 +103,12 @@ def decode_sample(data: bytes) -> dict[str, Any]:
         got = rec.get("format") if isinstance(rec, dict) else type(rec).__name__
         raise ValueError(f"not an {FORMAT!r} record (format={got!r})")
     out: dict[str, Any] = {k: _decode_array(rec[k], k) for k in ARRAY_KEYS}
-    if "caption" in rec:
-        out["caption"] = str(rec["caption"])
-    if "label" in rec:
-        out["label"] = np.asarray(rec["label"], dtype=np.int32)
+    for k in STRING_KEYS:
+        if k in rec:
+            out[k] = str(rec[k])
+    for k in ("label", "context_length"):
+        if k in rec:
+            out[k] = np.asarray(rec[k], dtype=np.int32)
     return out
 
 
@@ -118,8 +128,8 @@ def write_latent_records(path, samples: Iterable[Mapping[str, Any]]) -> int:
     """Write ``samples`` to the ArrayRecord file ``path`` atomically; return the record count.
 
     Every sample is a mapping with ``latents`` (F, H, W, C) and ``context`` (L, text_dim) arrays
-    (float32, bfloat16 or float16; kept as given) and optionally ``caption`` (str) and ``label``
-    (int). All samples of a file must agree in shapes, dtypes and optional keys. The file is
+    (float32, bfloat16 or float16; kept as given) and optionally ``caption`` and ``key`` (str),
+    ``label`` and ``context_length`` (int). All samples of a file must agree in shapes, dtypes and optional keys. The file is
     written to a temporary sibling and renamed into place (an existing file is replaced).
     """
     from array_record.python import array_record_module
@@ -160,6 +170,43 @@ def write_latent_records(path, samples: Iterable[Mapping[str, Any]]) -> int:
     return count
 
 
+#: what ``python -m anyflow_jax.prepare`` writes next to its shards
+MANIFEST_FILE = "manifest.json"
+NEGATIVE_FILE = "negative_embedding.npy"
+
+
+def resolve_record_paths(paths) -> tuple[list[str], str | None]:
+    """Record files named by ``paths``: each entry is an ArrayRecord file or a ``prepare`` output
+    folder (its ``manifest.json`` lists the shards). Returns ``(files, negative)`` where
+    ``negative`` is the folder's negative-prompt embedding file when exactly one folder was given
+    and it has one, else None."""
+    import json
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[str] = []
+    negatives: list[str] = []
+    for p in (os.fspath(x) for x in paths):
+        if not os.path.isdir(p):
+            files.append(p)
+            continue
+        manifest = os.path.join(p, MANIFEST_FILE)
+        if not os.path.isfile(manifest):
+            raise RecordFormatError(f"{p} is a folder without {MANIFEST_FILE}: not a finished "
+                                    f"`python -m anyflow_jax.prepare` output (name the .array_record files instead)")
+        try:
+            with open(manifest) as fh:
+                listed = json.load(fh)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RecordFormatError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from None
+        if not listed:
+            raise RecordFormatError(f"{manifest} lists no record files (every input was skipped?)")
+        files.extend(os.path.join(p, f) for f in listed)
+        neg = os.path.join(p, NEGATIVE_FILE)
+        if os.path.isfile(neg):
+            negatives.append(neg)
+    return files, (negatives[0] if len(negatives) == 1 else None)
+
+
 def _open_reader(path: str):
     from array_record.python import array_record_module
     if "://" not in path and not os.path.exists(path):
@@ -185,8 +232,9 @@ class ArrayRecordLatentSource:
     """Grain random-access source over one or more :func:`write_latent_records` files.
 
     ``src[i]`` is ``dict(latents=(F, H, W, C), context=(L, D))`` in the stored dtypes (or
-    ``dtype`` if given), plus ``label`` (int32) when the records have one and ``caption`` (str)
-    when ``include_caption`` (strings cannot become jax arrays, so it is off by default).
+    ``dtype`` if given), plus ``label`` (int32) when the records have one, and ``caption``,
+    ``key`` (str) and ``context_length`` (int32) when ``include_caption`` (strings cannot become
+    jax arrays, so it is off by default).
     Indices run over the files in order. Opening checks every file (exists, readable, not
     empty) and that the first record of every file has the same shapes, dtypes and optional keys;
     every read re-checks its record. Errors name the file. Picklable (readers reopen lazily), so
@@ -292,7 +340,8 @@ class ArrayRecordLatentSource:
                 f"{path}: record {pos} does not match {self._spec_path} "
                 f"({_spec_diff(spec, self.spec, f'record {pos}', os.path.basename(self._spec_path))})")
         if not self.include_caption:
-            sample.pop("caption", None)
+            for k in DESCRIPTIVE_KEYS:
+                sample.pop(k, None)
         if self.dtype is not None:
             for k in ARRAY_KEYS:
                 sample[k] = sample[k].astype(self.dtype)

@@ -34,6 +34,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_out", None),
     ("norm", None),
     ("layers", None),
+    # the Wan VAE's conv kernels (models/wan_vae.py): small weights, replicated
+    ("conv_in", None),
+    ("conv_out", None),
 )
 
 

@@ -191,10 +191,13 @@ def build_data(cfg: RunConfig, *, process_index: int, process_count: int):
     else:
         if not d.paths:
             raise RunError("config.data.paths is empty for source 'array_record'")
-        if not d.negative_embedding:
+        from anyflow_jax.data.records import resolve_record_paths
+        files, folder_negative = resolve_record_paths(list(d.paths))
+        negative = d.negative_embedding or folder_negative
+        if not negative:
             raise RunError("config.data.negative_embedding (a .npy file of the negative prompt embedding) is required")
-        source = data_lib.ArrayRecordLatentSource(list(d.paths))
-        neg = np.load(d.negative_embedding)
+        source = data_lib.ArrayRecordLatentSource(files)
+        neg = np.load(negative)
         if neg.ndim == 2:
             neg = neg[None]
     it = data_lib.make_train_iterator(source, global_batch_size=d.global_batch_size, seed=d.seed,
