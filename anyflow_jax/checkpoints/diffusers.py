@@ -8,7 +8,9 @@ layout plus ``condition_embedder.delta_embedder.*`` tensors and ``gate_value`` /
 
 The mapping is one declarative table (:func:`param_table`): diffusers name -> Flax path ->
 layout transform. Loading is strict: any missing, unexpected or mis-shaped tensor is an error
-that names it, raised before anything is converted. Saving writes into a temporary sibling
+that names it, raised before anything is converted. Given a mesh (or shardings), loading
+streams: each device's block of each parameter is read from the files on its own and placed
+on that device, so no whole host copy of the model is made. Saving writes into a temporary sibling
 directory and renames it into place, so an interrupted export never leaves a half-written
 checkpoint at the destination.
 """
@@ -42,16 +44,24 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------- layouts
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """Layout transform between a PyTorch tensor and a Flax parameter (per layer)."""
+    """Layout transform between a PyTorch tensor and a Flax parameter (per layer).
+
+    ``source_index`` (optional) serves sharded loads: given a block of the Flax parameter (a
+    tuple of slices, one per axis) it returns ``(torch_index, post)``, the block of the PyTorch
+    tensor to read so that ``to_flax(torch_tensor[torch_index])[post]`` is that Flax block
+    (``post`` None: nothing left to cut). Without it a sharded load reads the whole tensor.
+    """
     name: str
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
     torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    source_index: Callable[[tuple[slice, ...]], tuple[tuple[slice, ...], tuple[slice, ...] | None]] | None = None
 
 
-IDENTITY = Transform("identity", lambda a: a, lambda a: a, lambda s: tuple(s))
-# torch Linear weight (out, in)  <->  Flax kernel (in, out)
-LINEAR = Transform("linear", lambda a: a.T, lambda a: a.T, lambda s: (s[1], s[0]))
+IDENTITY = Transform("identity", lambda a: a, lambda a: a, lambda s: tuple(s), lambda idx: (tuple(idx), None))
+# torch Linear weight (out, in)  <->  Flax kernel (in, out): a Flax block [i, o] is torch [o, i].T
+LINEAR = Transform("linear", lambda a: a.T, lambda a: a.T, lambda s: (s[1], s[0]),
+                   lambda idx: ((idx[1], idx[0]), None))
 
 
 def _conv3d(patch_size: tuple[int, int, int], in_channels: int) -> Transform:
@@ -64,7 +74,12 @@ def _conv3d(patch_size: tuple[int, int, int], in_channels: int) -> Transform:
     def to_torch(a):
         return a.reshape(pt, ph, pw, in_channels, a.shape[-1]).transpose(4, 3, 0, 1, 2)
 
-    return Transform("conv3d", to_flax, to_torch, lambda s: (s[1], in_channels, pt, ph, pw))
+    def source_index(idx):
+        # the output features D are one torch axis; the merged (pt, ph, pw, C) rows are cut after
+        full = slice(None)
+        return (idx[1], full, full, full, full), (idx[0], full)
+
+    return Transform("conv3d", to_flax, to_torch, lambda s: (s[1], in_channels, pt, ph, pw), source_index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +212,21 @@ class _TensorStore:
     def read(self, name: str) -> np.ndarray:
         return self.files[self.where[name]].read(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self.files[self.where[name]].dtype(name)
+
+    def read_slice(self, name: str, index) -> np.ndarray:
+        return self.files[self.where[name]].read_slice(name, index)
+
+    def read_flax_block(self, name: str, transform: Transform, index: tuple[slice, ...]) -> np.ndarray:
+        """The block ``index`` of ``transform.to_flax(tensor)``, reading only what it needs
+        (the whole tensor when the transform has no ``source_index``)."""
+        if transform.source_index is None:
+            return transform.to_flax(self.read(name))[tuple(index)]
+        src, post = transform.source_index(tuple(index))
+        arr = transform.to_flax(self.read_slice(name, src))
+        return arr if post is None else arr[tuple(post)]
+
 
 def read_config(path: str) -> dict[str, Any]:
     """The ``config.json`` of a diffusers transformer directory, checked for its class."""
@@ -226,7 +256,8 @@ def _progress(iterable, total, desc, enabled):
 
 def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
                      gate_value: float | None = None, deltatime_type: str | None = None,
-                     model_kwargs: Mapping[str, Any] | None = None, progress: bool = False):
+                     model_kwargs: Mapping[str, Any] | None = None, progress: bool = False,
+                     mesh=None, rules=None, shardings=None):
     """Load a diffusers-format Wan2.1 / AnyFlow transformer directory as ``(model, params)``.
 
     Args:
@@ -242,10 +273,23 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
       model_kwargs: runtime fields of :class:`WanTransformer3D` (``dtype`` = compute dtype,
         ``attention_impl``, ``scan_layers``, ``remat_policy``).
       progress: show a progress bar while reading tensors.
+      mesh, rules: load straight onto ``mesh`` with the parameter shardings that the logical
+        ``rules`` give (default ``parallel.DEFAULT_RULES``; see :func:`parallel.param_shardings`).
+        Each parameter is built with ``jax.make_array_from_callback``: every device's shard is
+        read from the safetensors file as that block alone (layout transforms applied to the
+        block, scan-stacked layers assembled block by block) and converted to ``dtype`` there,
+        so the host never holds a whole copy of the model, nor of any one tensor.
+      shardings: instead of ``mesh``/``rules``, a tree of ``jax.sharding.Sharding`` shaped like
+        the params.
 
     Returns:
-      ``(model, params)`` with ``model.apply({'params': params}, latents, t, r, context)``.
+      ``(model, params)`` with ``model.apply({'params': params}, latents, t, r, context)``;
+      without ``mesh``/``shardings`` the params are arrays on the default device.
     """
+    if shardings is not None and (mesh is not None or rules is not None):
+        raise ValueError("pass either shardings or mesh (with rules), not both")
+    if rules is not None and mesh is None:
+        raise ValueError("rules need a mesh")
     path = os.fspath(path)
     cfg = read_config(path)
     try:
@@ -297,6 +341,9 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
                               f"with config {CONFIG_NAME}: " + "; ".join(problems))
 
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    if mesh is not None or shardings is not None:
+        params = _load_sharded(model, table, store, new_student, target, mesh, rules, shardings, progress)
+        return model, params
     per_layer: dict[tuple[str, ...], list] = {}
     params: dict = {}
     for e in _progress(table, len(table), "loading", progress):
@@ -313,6 +360,82 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
     for sub, arrs in per_layer.items():
         _set(params, ("blocks",) + sub, jnp.asarray(np.stack(arrs)))
     return model, params
+
+
+def _block_key(index, shape) -> tuple[tuple[int, int], ...]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    return tuple(ix.indices(dim)[:2] for ix, dim in zip(index, shape))
+
+
+def _load_sharded(model: WanTransformer3D, table: list[Entry], store: _TensorStore, new_student: bool,
+                  target, mesh, rules, shardings, progress: bool):
+    """The params of ``model`` as global arrays, each device's shard read on its own (see
+    :func:`load_transformer`)."""
+    from flax import linen as nn
+    from anyflow_jax import parallel
+
+    boxed = model.abstract_params()
+    abstract = nn.meta.unbox(boxed)
+    if shardings is None:
+        shardings = parallel.param_shardings(boxed, mesh, parallel.DEFAULT_RULES if rules is None else rules)
+    # flax path -> [(layer or None, source tensor name, transform)]; scan-stacked layers share a path
+    plan: dict[tuple[str, ...], list[tuple[int | None, str, Transform]]] = {}
+    for e in table:
+        src = e.diffusers_name
+        if new_student and ".delta_embedder." in src:  # the new delta embedder starts as the time embedder
+            src = src.replace(".delta_embedder.", ".time_embedder.")
+        if e.layer is not None and model.scan_layers:
+            plan.setdefault(("blocks",) + e.flax_path, []).append((e.layer, src, e.transform))
+        else:
+            plan[_flax_path(model, e)] = [(None, src, e.transform)]
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    have = {tuple(k.key for k in path) for path, _ in
+            jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_sharding)[0]}
+    if have != set(plan):
+        wrong = sorted("/".join(p) for p in set(plan) ^ have)
+        raise ValueError(f"shardings do not match the model's parameters: {wrong[:10]}")
+
+    params: dict = {}
+    for path, items in _progress(plan.items(), len(plan), "loading", progress):
+        shape = tuple(_get(abstract, path).shape)
+        sharding = _get(shardings, path)
+        if not is_sharding(sharding):
+            raise ValueError(f"shardings/{'/'.join(path)}: not a jax.sharding.Sharding ({type(sharding).__name__})")
+        stacked = items[0][0] is not None
+        sources = [src for _, src, _ in sorted(items, key=lambda it: it[0] or 0)]
+        transform = items[0][2]
+        dt = target if target is not None else np.result_type(*(store.dtype(src) for src in sources))
+        last: list = [None, None]  # devices holding the same block (replicas) share one read
+        # make_array_from_callback asks for the devices' blocks in the order of this map and
+        # places them all at once; each block is put on its device as soon as it is read instead
+        # (when the index asked for is the one expected next), so only one block at a time is on
+        # the host rather than every device's block of the parameter
+        order = iter([] if sharding.is_fully_replicated else sharding.addressable_devices_indices_map(shape).items())
+
+        def block(index, shape=shape, sources=sources, transform=transform, stacked=stacked, dt=dt, last=last,
+                  order=order):
+            key = _block_key(index, shape)
+            if key == last[0]:
+                out = last[1]
+            else:
+                last[0] = last[1] = None
+                idx = tuple(slice(a, b) for a, b in key)
+                if stacked:
+                    out = np.empty(tuple(b - a for a, b in key), dt)
+                    for j, layer in enumerate(range(*key[0])):
+                        out[j] = store.read_flax_block(sources[layer], transform, idx[1:])
+                else:
+                    out = store.read_flax_block(sources[0], transform, idx)
+                    out = np.ascontiguousarray(out.astype(dt, copy=False))
+                last[0], last[1] = key, out
+            device, expected = next(order, (None, None))
+            if device is not None and _block_key(expected, shape) == key:
+                return jax.device_put(out, device)
+            return out
+
+        _set(params, path, jax.make_array_from_callback(shape, sharding, block, dtype=dt))
+        last.clear()
+    return params
 
 
 # ----------------------------------------------------------------------------------- writing

@@ -50,15 +50,22 @@ def is_model_checkpoint(path) -> bool:
 
 
 def load_model(path, *, dtype=jnp.float32, model_kwargs: Mapping[str, Any] | None = None,
-               shardings=None):
+               shardings=None, mesh=None, rules=None):
     """Rebuild ``(model, params)`` from :func:`save_model` output.
 
     ``dtype=None`` keeps stored dtypes. ``shardings`` (a tree of ``jax.sharding.Sharding`` for
-    the params) restores each array directly onto a mesh, whatever device count it was saved on.
+    the params), or ``mesh`` with logical ``rules`` (default ``parallel.DEFAULT_RULES``; the
+    shardings :func:`parallel.param_shardings` gives for the model), restores each array
+    directly onto a mesh, whatever device count it was saved on: Orbax reads only each device's
+    shards, so no whole host copy of the params is made.
     The stored layer layout (scanned or not) is used; ``model_kwargs`` may set other runtime
     fields (compute ``dtype``, ``attention_impl``, ``remat_policy``).
     """
     import orbax.checkpoint as ocp
+    if shardings is not None and (mesh is not None or rules is not None):
+        raise ValueError("pass either shardings or mesh (with rules), not both")
+    if rules is not None and mesh is None:
+        raise ValueError("rules need a mesh")
     path = os.path.abspath(os.fspath(path))
     meta_path = os.path.join(path, MODEL_FILE)
     if not os.path.isfile(meta_path):
@@ -77,6 +84,10 @@ def load_model(path, *, dtype=jnp.float32, model_kwargs: Mapping[str, Any] | Non
     if dtype is not None:
         runtime.setdefault("dtype", jnp.dtype(dtype))
     model = WanTransformer3D.from_config(meta["config"], **runtime)
+    if mesh is not None:
+        from anyflow_jax import parallel
+        shardings = parallel.param_shardings(model.abstract_params(), mesh,
+                                             parallel.DEFAULT_RULES if rules is None else rules)
     ckptr = ocp.StandardCheckpointer()
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
@@ -95,7 +106,13 @@ def load_model(path, *, dtype=jnp.float32, model_kwargs: Mapping[str, Any] | Non
     if shardings is None:
         abstract = jax.tree_util.tree_map(target, stored, is_leaf=is_meta)
     else:
-        abstract = jax.tree_util.tree_map(target, stored, shardings, is_leaf=is_meta)
+        try:
+            abstract = jax.tree_util.tree_map(target, stored, shardings, is_leaf=is_meta)
+        except (ValueError, TypeError, KeyError) as e:
+            if mesh is None:
+                raise
+            raise CheckpointError(f"{path}: the stored parameters do not match the model of {MODEL_FILE} "
+                                  f"({_one_line(e)})") from None
     try:
         params = ckptr.restore(params_dir, abstract)
     except Exception as e:  # noqa: BLE001 - the shapes come from the metadata: a failure is damage

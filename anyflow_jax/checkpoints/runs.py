@@ -239,9 +239,12 @@ def restore_run_item(workdir: str, item: str, abstract: Any, step: int | None = 
 
 
 def load_start(path: str, *, runtime: dict, use_ema: bool = True,
-               field: str = "config.init") -> tuple[WanTransformer3D, Any, str]:
+               field: str = "config.init", mesh=None) -> tuple[WanTransformer3D, Any, str]:
     """Load ``(model, params, description)`` from a workdir (its latest checkpoint, EMA weights
-    by default), an Orbax model checkpoint or a diffusers folder."""
+    by default), an Orbax model checkpoint or a diffusers folder.
+
+    With a ``mesh`` the params come back on it, sharded by ``parallel.DEFAULT_RULES``, each
+    device's shards read on their own (no whole host copy); without one, on the default device."""
     if not path:
         raise RunError(f"{field} is empty: this stage needs a starting checkpoint")
     path = os.path.abspath(os.path.expanduser(path))
@@ -250,10 +253,11 @@ def load_start(path: str, *, runtime: dict, use_ema: bool = True,
     kind = checkpoint_kind(path)
     if kind == "diffusers":
         path = pipeline_transformer(path) or path
-        model, params = dif.load_transformer(path, model_kwargs=runtime)
+        model, params = dif.load_transformer(path, model_kwargs=runtime, mesh=mesh)
         return model, params, f"diffusers transformer {path}"
     if kind == "model":
-        model, params = model_ckpt.load_model(path, model_kwargs={k: v for k, v in runtime.items() if k != "scan_layers"})
+        model, params = model_ckpt.load_model(path, model_kwargs={k: v for k, v in runtime.items() if k != "scan_layers"},
+                                              mesh=mesh)
         if model.scan_layers != runtime.get("scan_layers", model.scan_layers):
             raise RunError(f"{field}={path}: stored with scan_layers={model.scan_layers}, config wants the other layout")
         return model, params, f"model checkpoint {path}"
@@ -261,8 +265,14 @@ def load_start(path: str, *, runtime: dict, use_ema: bool = True,
     model = WanTransformer3D.from_config(meta["model"], **runtime)
     from flax import linen as nn
     abstract = nn.meta.unbox(model.abstract_params())
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+    else:
+        from anyflow_jax import parallel
+        shardings = parallel.param_shardings(model.abstract_params(), mesh)
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          abstract, shardings)
     item = "ema_params" if use_ema else "params"
     try:
         params, step = restore_run_item(path, item, abstract)

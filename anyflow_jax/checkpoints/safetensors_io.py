@@ -6,10 +6,11 @@ message naming the file instead of returning garbage. bf16 tensors come back as
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -28,11 +29,36 @@ class SafetensorsError(ValueError):
     """A safetensors file that cannot be read as one."""
 
 
+def _normalize_index(index, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per axis of a basic index (slices of step 1, fewer than ``ndim`` allowed)."""
+    index = tuple(index) if isinstance(index, (tuple, list)) else (index,)
+    if len(index) > len(shape):
+        raise IndexError(f"index {index} has more entries than the tensor's {len(shape)} axes")
+    index = index + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for ix, dim in zip(index, shape):
+        if not isinstance(ix, slice):
+            raise IndexError(f"only slices can be read from a safetensors tensor, got {ix!r}")
+        start, stop, step = ix.indices(dim)
+        if step != 1:
+            raise IndexError(f"only slices of step 1 can be read from a safetensors tensor, got {ix!r}")
+        out.append((start, max(start, stop)))
+    return tuple(out)
+
+
 class SafetensorsFile:
-    """Index of one safetensors file; tensors are read on demand with :meth:`read`."""
+    """Index of one safetensors file; tensors are read on demand with :meth:`read` (whole) or
+    :meth:`read_slice` (only the bytes of a rectangular block).
+
+    ``bytes_read`` counts the tensor bytes read from the file so far (both methods); ``on_read``
+    (if set) is called as ``on_read(name, index, nbytes)`` after each read, ``index`` being None
+    for a whole-tensor read.
+    """
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
+        self.bytes_read = 0
+        self.on_read = None
         size = os.path.getsize(self.path)
         with open(self.path, "rb") as fh:
             head = fh.read(8)
@@ -81,7 +107,52 @@ class SafetensorsFile:
             buf = fh.read(end - start)
         if len(buf) != end - start:
             raise SafetensorsError(f"{self.path}: truncated while reading tensor {name!r}")
+        self.bytes_read += len(buf)
+        if self.on_read is not None:
+            self.on_read(name, None, len(buf))
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def read_slice(self, name: str, index: Sequence[slice] | slice) -> np.ndarray:
+        """``tensor[index]`` for a block ``index`` (slices of step 1), reading only its bytes.
+
+        The block is read as contiguous runs of the row-major tensor (one ``pread`` per run,
+        directly into the returned array): a block that spans whole trailing axes is one run; a
+        block narrower than the last axis costs one run per row. Nothing else of the tensor is
+        read or held in memory.
+        """
+        dtype, shape, start, _ = self.entries[name]
+        bounds = _normalize_index(index, shape)
+        out_shape = tuple(b - a for a, b in bounds)
+        out = np.empty(out_shape, dtype=dtype)
+        total = out.nbytes
+        if total:
+            # the innermost axis k that is not taken whole: every run covers axes k.. contiguously
+            k = 0
+            for ax in range(len(shape) - 1, -1, -1):
+                if bounds[ax] != (0, shape[ax]):
+                    k = ax
+                    break
+            strides = [1] * len(shape)
+            for ax in range(len(shape) - 2, -1, -1):
+                strides[ax] = strides[ax + 1] * shape[ax + 1]
+            run = out_shape[k] * strides[k] * dtype.itemsize if shape else dtype.itemsize
+            base = self._data_start + start + (bounds[k][0] * strides[k] * dtype.itemsize if shape else 0)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            pos = 0
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                for outer in itertools.product(*(range(a, b) for a, b in bounds[:k])):
+                    offset = base + sum(i * s for i, s in zip(outer, strides)) * dtype.itemsize
+                    got = os.preadv(fd, [view[pos:pos + run]], offset)
+                    if got != run:
+                        raise SafetensorsError(f"{self.path}: truncated while reading tensor {name!r}")
+                    pos += run
+            finally:
+                os.close(fd)
+        self.bytes_read += total
+        if self.on_read is not None:
+            self.on_read(name, bounds, total)
+        return out
 
 
 def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict | None = None,

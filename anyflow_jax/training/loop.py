@@ -129,13 +129,15 @@ class Networks:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def _load(path: str, cfg: RunConfig, field: str):
-    return run_files.load_start(path, runtime=_runtime(cfg), use_ema=cfg.init.use_ema, field=field)
+def _load(path: str, cfg: RunConfig, field: str, mesh=None):
+    return run_files.load_start(path, runtime=_runtime(cfg), use_ema=cfg.init.use_ema, field=field, mesh=mesh)
 
 
-def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None) -> Networks:
+def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None, mesh=None) -> Networks:
     """The student (from its starting point, random init, or the resumed run's ``run.json``),
-    the frozen teacher and the critic's starting point, as the stage's record asks."""
+    the frozen teacher and the critic's starting point, as the stage's record asks. With a
+    ``mesh``, starting checkpoints are read straight onto it (each host reads only the slices
+    its devices own)."""
     cfg = cfg if isinstance(cfg, RunConfig) else config_lib.parse(cfg)
     record = cfg.record
     runtime = _runtime(cfg)
@@ -148,7 +150,7 @@ def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None) -> Networ
         key = jax.random.key(cfg.seed)
         nets = Networks(student=student, student_init=lambda: student.init_params(key), notes=["student: random init"])
     else:
-        student, params, desc = _load(cfg.init.student, cfg, "config.init.student")
+        student, params, desc = _load(cfg.init.student, cfg, "config.init.student", mesh)
         _check_architecture(cfg, student, "config.init.student")
         nets = Networks(student=student, student_params=params, notes=[f"student: {desc}"])
     if record.student_is_flow_map and not nets.student.flow_map:
@@ -162,14 +164,14 @@ def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None) -> Networ
         raise RunError(f"incompatible checkpoint: stage {record.name!r} trains a single-time model but "
                        f"config.init.student is a flow-map student")
     if record.needs_teacher or record.has_critic:
-        teacher, teacher_params, desc = _load(cfg.init.teacher, cfg, "config.init.teacher")
+        teacher, teacher_params, desc = _load(cfg.init.teacher, cfg, "config.init.teacher", mesh)
         if teacher.flow_map:
             raise RunError("incompatible checkpoint: config.init.teacher is a flow-map student, not a teacher")
         nets.teacher, nets.teacher_params = teacher, teacher_params
         nets.notes.append(f"teacher: {desc}")
         if record.has_critic and resume_meta is None:
             if cfg.init.critic:
-                critic, nets.critic_params, desc = _load(cfg.init.critic, cfg, "config.init.critic")
+                critic, nets.critic_params, desc = _load(cfg.init.critic, cfg, "config.init.critic", mesh)
                 if critic.to_config() != teacher.to_config():
                     raise RunError("incompatible checkpoint: config.init.critic differs from the teacher architecture")
                 nets.notes.append(f"critic: {desc}")
@@ -325,7 +327,7 @@ def _build_run(cfg: RunConfig, config, workdir: str, ckpt: RunCheckpointer) -> R
         log.warning("the mesh %s uses %d of %d devices", dict(mesh.shape), mesh.devices.size, jax.device_count())
     rules = parallel.DEFAULT_RULES
 
-    nets = build_networks(cfg, resume_meta=resume_meta)
+    nets = build_networks(cfg, resume_meta=resume_meta, mesh=mesh)
     meta = _run_meta(cfg, config, nets.student)
     if existing is not None and resume_meta is None:
         _check_resume_compatible(existing, meta, workdir)
