@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from anyflow_jax import parallel
 from anyflow_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
 
 # Keys of a diffusers / AnyFlow ``config.json`` that carry no meaning for the network itself.
@@ -48,6 +49,27 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "attn_out": jax.checkpoint_policies.save_only_these_names("attn_out", "ffn_out"),
 }
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's sharding by logical axis names (``parallel.DEFAULT_RULES``) on the mesh
+    of the enclosing ``jax.set_mesh`` (the trainer's steps and the deviceless compiles run under
+    one); outside a mesh it is the identity. Values are unchanged; without the constraints the
+    partitioner may replicate activations that FSDP or tensor parallelism should split.
+
+    Activation names: ``batch`` (data x fsdp), ``seq`` (tokens of the residual stream; tensor:
+    sequence parallelism between the tensor-parallel attention and MLP), ``heads``/``mlp``
+    (tensor, as the weights), ``act_embed``/``act_len``/``head_dim`` (replicated). A dimension its
+    axes do not divide, or whose axes an earlier dimension took, stays replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = parallel.logical_to_spec(names, x.shape, mesh, parallel.DEFAULT_RULES)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+RESIDUAL = ("batch", "seq", "act_embed")  # (B, L, D) between blocks
+HEADS = ("batch", "act_len", "heads", "head_dim")  # (B, L, H, Dh) inside attention
 
 
 def _dense_init(names):
@@ -206,13 +228,13 @@ class WanAttention(nn.Module):
         k = RMSNorm(self.eps, name="norm_k")(k)
         b, lq, _ = q.shape
         hd = dim // self.num_heads
-        q = q.reshape(b, lq, self.num_heads, hd)
-        k = k.reshape(b, k.shape[1], self.num_heads, hd)
-        v = v.reshape(b, v.shape[1], self.num_heads, hd)
+        q = constrain(q.reshape(b, lq, self.num_heads, hd), HEADS)
+        k = constrain(k.reshape(b, k.shape[1], self.num_heads, hd), HEADS)
+        v = constrain(v.reshape(b, v.shape[1], self.num_heads, hd), HEADS)
         if rope is not None:
-            q = apply_rope(q, *rope)
-            k = apply_rope(k, *rope)
-        out = dot_product_attention(q, k, v, implementation=self.attention_impl)
+            q = constrain(apply_rope(q, *rope), HEADS)
+            k = constrain(apply_rope(k, *rope), HEADS)
+        out = constrain(dot_product_attention(q, k, v, implementation=self.attention_impl), HEADS)
         out = checkpoint_name(out.reshape(b, lq, dim), "attn_out")
         return Dense(dim, ("heads", "embed"), self.dtype, name="to_out_0")(out)
 
@@ -239,19 +261,21 @@ class WanBlock(nn.Module):
         m = table[None] + mod  # (B, F', 6, D) fp32
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (m[:, :, i] for i in range(6))
 
+        x = constrain(x, RESIDUAL)
         h = _modulate(_layer_norm(x, self.eps), shift_msa, scale_msa, frames).astype(x.dtype)
         attn = WanAttention(self.num_heads, self.eps, self.dtype, self.attention_impl, name="attn1")(h, rope=rope)
-        x = _gated(x.astype(jnp.float32), attn, gate_msa, frames).astype(x.dtype)
+        x = constrain(_gated(x.astype(jnp.float32), attn, gate_msa, frames).astype(x.dtype), RESIDUAL)
 
         if self.cross_attn_norm:
             h = AffineLayerNorm(self.eps, name="norm2")(x).astype(x.dtype)
         else:
             h = x
-        x = x + WanAttention(self.num_heads, self.eps, self.dtype, self.attention_impl, name="attn2")(h, context)
+        x = constrain(x + WanAttention(self.num_heads, self.eps, self.dtype, self.attention_impl, name="attn2")(h, context),
+                      RESIDUAL)
 
         h = _modulate(_layer_norm(x, self.eps), c_shift, c_scale, frames).astype(x.dtype)
         ff = FeedForward(self.ffn_dim, self.dtype, name="ffn")(h)
-        x = _gated(x.astype(jnp.float32), ff, c_gate, frames).astype(x.dtype)
+        x = constrain(_gated(x.astype(jnp.float32), ff, c_gate, frames).astype(x.dtype), RESIDUAL)
         return x, None
 
 
@@ -262,7 +286,7 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = Dense(self.ffn_dim, ("embed", "mlp"), self.dtype, name="net_0")(x)
+        h = constrain(Dense(self.ffn_dim, ("embed", "mlp"), self.dtype, name="net_0")(x), ("batch", "act_len", "mlp"))
         h = Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="net_2")(jax.nn.gelu(h, approximate=True))
         return checkpoint_name(h, "ffn_out")
 
@@ -488,7 +512,7 @@ class WanTransformer3D(nn.Module):
         # Patch embedding: a Conv3d with kernel = stride = patch_size, as a per-patch Dense.
         x = latents.reshape(b, fp, pt, hp, ph, wp, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
         x = x.reshape(b, fp * hp * wp, pt * ph * pw * c)
-        x = Dense(dim, ("patch", "embed"), self.dtype, name="patch_embedding")(x)
+        x = constrain(Dense(dim, ("patch", "embed"), self.dtype, name="patch_embedding")(x), RESIDUAL)
 
         # Per-frame time embedding (one time per temporal patch) and text projection.
         t_model = t[:, ::pt] * 1000.0
@@ -496,6 +520,7 @@ class WanTransformer3D(nn.Module):
         temb, mod, ctx = ConditionEmbedder(dim, self.freq_dim, self.flow_map, self.gate_value,
                                            self.deltatime_type, self.dtype,
                                            name="condition_embedder")(t_model, r_model, context)
+        ctx = constrain(ctx, ("batch", "act_len", "act_embed"))
         cos, sin = rope_tables(self.attention_head_dim, fp, hp, wp, self.rope_max_seq_len)
         rope = (jnp.asarray(cos), jnp.asarray(sin))
 
@@ -522,6 +547,7 @@ class WanTransformer3D(nn.Module):
             nn.with_logical_partitioning(lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(dim),
                                          (None, None, "norm")),
             (1, 2, dim), jnp.float32)
+        x = constrain(x, RESIDUAL)
         ss = table[None] + temb[:, :, None, :]  # (B, F', 2, D)
         x = _modulate(_layer_norm(x, self.eps), ss[:, :, 0], ss[:, :, 1], fp).astype(self.dtype)
         out_c = self.out_dim

@@ -37,6 +37,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # the Wan VAE's conv kernels (models/wan_vae.py): small weights, replicated
     ("conv_in", None),
     ("conv_out", None),
+    # activations (models/wan.py ``constrain``): the batch as above, the residual stream's tokens
+    # over ``tensor`` (sequence parallelism between the tensor-parallel attention and MLP),
+    # heads / MLP features over ``tensor`` like their weights, the rest replicated
+    ("seq", "tensor"),
+    ("act_len", None),
+    ("act_embed", None),
+    ("head_dim", None),
 )
 
 

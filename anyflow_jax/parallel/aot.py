@@ -1,0 +1,461 @@
+"""Deviceless ahead-of-time compilation for TPU topologies: memory fit and cost of the real steps.
+
+With ``libtpu`` installed (``pip install -e .[tpu]``), JAX compiles for a TPU topology on any
+machine: :func:`topology_devices` gives abstract TPU devices of a named slice (``v5p-64``,
+``v6e-16``, ``v5p:2x2x1``, several slices), the run's mesh is built on them, and the trainer's own
+step functions (:func:`anyflow_jax.training.loop.compile_steps`) and the inference sampler
+(:class:`anyflow_jax.inference.Generator`) are lowered on ``jax.ShapeDtypeStruct`` inputs that
+carry the run's shardings. Nothing is allocated; the compiler reports per-chip memory
+(:func:`memory_report`) and cost (:func:`cost_report`).
+
+The analytic FLOPs (:func:`analytic_flops`) count the matrix multiplications of the same step
+traced once more with ``remat_policy="none"`` and ``attention_impl="xla"`` (so attention inside a
+Pallas kernel is counted, and rematerialisation is not): the forward and backward of every
+network call the stage makes. Scans count ``length`` times; of the branches of a ``cond`` the
+largest counts (every conditional transition of the backward simulation's rollout is taken), so
+for stages with data-dependent branches the analytic count is the worst case.
+
+Library entry points: :func:`abstract_run`, :func:`abstract_batch`, :func:`compile_train`,
+:func:`compile_sampler`, :func:`step_report`. ``tools/aot_compile.py`` is the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anyflow_jax import config as config_lib
+from anyflow_jax import parallel
+from anyflow_jax.errors import RunError
+
+GiB = 2 ** 30
+
+
+# ----------------------------------------------------------------------------------- chips
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Per-chip numbers of a TPU generation (Cloud TPU system-architecture pages)."""
+    generation: str
+    hbm_bytes: int  # HBM capacity per chip
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    hbm_bandwidth: float  # bytes/s per chip
+    cores_per_chip: int  # TensorCores per chip: the "-N" of a v4/v5p slice name counts cores
+    ndim: int  # torus dimensions of the slice topology
+
+
+CHIPS: dict[str, ChipSpec] = {
+    "v4": ChipSpec("v4", 32 * GiB, 275e12, 1228e9, 2, 3),
+    "v5p": ChipSpec("v5p", 95 * GiB, 459e12, 2765e9, 2, 3),
+    "v5e": ChipSpec("v5e", 16 * GiB, 197e12, 819e9, 1, 2),
+    "v6e": ChipSpec("v6e", 32 * GiB, 918e12, 1640e9, 1, 2),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
+
+
+def _grid(chips: int, ndim: int) -> tuple[int, ...]:
+    """Slice shape of ``chips`` (a power of two) as Cloud TPU names them: powers of two, as even
+    as possible, smallest first (v5p: 4 -> 2x2x1, 16 -> 2x2x4, 64 -> 4x4x4; v6e: 8 -> 2x4)."""
+    if chips < 1 or chips & (chips - 1):
+        raise RunError(f"a TPU slice has a power-of-two number of chips, got {chips}")
+    dims = [1] * ndim
+    n = chips
+    while n > 1:
+        i = min(range(ndim), key=lambda j: (dims[j], j))
+        dims[i] *= 2
+        n //= 2
+    if ndim == 3 and chips == 4:
+        return (2, 2, 1)
+    return tuple(sorted(dims))
+
+
+def parse_topology(name: str) -> tuple[ChipSpec, str]:
+    """``"v5p-64"`` (Cloud TPU slice name: TensorCores for v4/v5p, chips for v5e/v6e) or
+    ``"v5p:4x4x2"`` (chip grid) -> (chip spec, the topology name libtpu takes)."""
+    text = name.strip().lower()
+    m = re.fullmatch(r"(v\d+[a-z]*)[-:](.+)", text)
+    if not m:
+        raise RunError(f"topology {name!r}: expected e.g. 'v5p-8', 'v6e-16' or 'v5p:2x2x1'")
+    gen, rest = _ALIASES.get(m.group(1), m.group(1)), m.group(2)
+    if gen not in CHIPS:
+        raise RunError(f"topology {name!r}: unknown TPU generation {m.group(1)!r} (known: {', '.join(CHIPS)})")
+    chip = CHIPS[gen]
+    if "x" in rest:
+        dims = tuple(int(d) for d in rest.split("x"))
+        if len(dims) != chip.ndim:
+            raise RunError(f"topology {name!r}: {gen} slices have {chip.ndim} dimensions")
+    else:
+        count = int(rest)
+        if count % chip.cores_per_chip:
+            raise RunError(f"topology {name!r}: {gen}-N counts TensorCores ({chip.cores_per_chip} per chip)")
+        dims = _grid(count // chip.cores_per_chip, chip.ndim)
+    return chip, f"{gen}:{'x'.join(str(d) for d in dims)}"
+
+
+def topology_devices(name: str, slices: int = 1) -> tuple[ChipSpec, list]:
+    """Abstract TPU devices of ``slices`` slices of topology ``name`` (needs ``libtpu``)."""
+    from jax.experimental import topologies
+    chip, topo = parse_topology(name)
+    kwargs = {"num_slices": int(slices)} if slices > 1 else {}
+    try:
+        desc = topologies.get_topology_desc(topo, platform="tpu", **kwargs)
+    except Exception as e:  # libtpu missing or the name unknown to it
+        raise RunError(f"cannot describe TPU topology {topo} x{slices} ({e}); deviceless TPU compilation needs "
+                       f"libtpu pinned to the jax release: pip install -e .[tpu]") from None
+    return chip, list(desc.devices)
+
+
+# ----------------------------------------------------------------------------------- the run
+def _read_config(config) -> config_lib.RunConfig:
+    """The typed config; the starting checkpoints a stage needs are never read here, so empty
+    ``config.init`` fields get a placeholder."""
+    if isinstance(config, config_lib.RunConfig):
+        return config
+    from anyflow_jax import stages
+    config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    record = stages.get(config.stage)
+    for field in record.starts_from:
+        if not config.init.get(field):
+            config.init[field] = "<not loaded: deviceless compilation>"
+    return config_lib.parse(config)
+
+
+def abstract_run(config, devices: Sequence[Any]):
+    """A :class:`~anyflow_jax.training.loop.Run` whose networks, step spec, mesh and shardings
+    are the trainer's for ``config`` on ``devices``, with no parameters, data or checkpoints
+    (the student is the stage's kind of network: a flow map when the stage trains one; the
+    teacher/critic share the config's architecture)."""
+    from anyflow_jax.training import loop, optim, steps
+    from anyflow_jax.training.state import TrainState, opt_state_shardings
+    from anyflow_jax.models.wan import WanTransformer3D
+
+    cfg = _read_config(config)
+    record = cfg.record
+    m = cfg.mesh
+    try:
+        sizes = parallel.resolve_mesh_shape(m.data, m.fsdp, m.tensor, len(devices))
+    except ValueError as e:
+        raise RunError(f"config.mesh: {e}") from None
+    mesh = parallel.make_mesh(*sizes, devices=devices)
+
+    arch, runtime = loop._architecture(cfg), loop._runtime(cfg)
+    base = WanTransformer3D.from_config(arch, **runtime)
+    student = base
+    if record.student_is_flow_map and not base.flow_map:
+        student = base.clone(flow_map=True, gate_value=float(cfg.model.get("gate_value", 0.25)),
+                             deltatime_type=cfg.model.get("deltatime_type", "r"))
+    teacher = base.clone(flow_map=False) if (record.needs_teacher or record.has_critic) else None
+    nets = loop.Networks(student=student, teacher=teacher, notes=["deviceless: no parameters"])
+
+    abstract_params = loop._unboxed_abstract(student)
+    mask = optim.trainable_mask(abstract_params, list(cfg.optim.trainable_patterns))
+    tx = optim.make_optimizer(**cfg.optim.optimizer_kwargs(), mask=mask)
+    critic_tx = critic_mask = None
+    if record.has_critic:
+        critic_mask = optim.trainable_mask(loop._unboxed_abstract(teacher), list(cfg.critic_optim.trainable_patterns))
+        critic_tx = optim.make_optimizer(**cfg.critic_optim.optimizer_kwargs(), mask=critic_mask)
+    spec = steps.StepSpec(
+        stage=record, student=student, teacher=teacher, loss_options=cfg.loss,
+        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
+        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
+        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
+        critic_update_ratio=cfg.train.critic_update_ratio)
+
+    rules = parallel.DEFAULT_RULES
+    rep = parallel.replicated(mesh)
+    p_sh = parallel.param_shardings(student.abstract_params(), mesh, rules)
+    t_sh = parallel.param_shardings(teacher.abstract_params(), mesh, rules) if teacher is not None else None
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    abstract_copt = jax.eval_shape(critic_tx.init, loop._unboxed_abstract(teacher)) if critic_tx is not None else None
+    state_sh = TrainState(
+        step=rep, rng=rep, params=p_sh, ema_params=p_sh, opt_state=opt_state_shardings(abstract_opt, p_sh, mesh),
+        critic_params=t_sh if record.has_critic else None,
+        critic_opt_state=opt_state_shardings(abstract_copt, t_sh, mesh) if abstract_copt is not None else None)
+    return loop.Run(cfg=cfg, record=record, workdir="", mesh=mesh, nets=nets, spec=spec, state_shardings=state_sh,
+                    teacher_shardings=t_sh, replicated=rep, ckpt=None, writer=None, data_iterator=None,
+                    negative=None, latest_step=None)
+
+
+# Wan2.1 at 480x832, 81 frames: VAE latents (21, 60, 104, 16), UMT5 context (512, 4096).
+WAN_480P_LATENTS = (21, 60, 104, 16)
+WAN_CONTEXT_LENGTH = 512
+
+
+def batch_shapes(cfg: config_lib.RunConfig, latent_shape: Sequence[int] | None = None,
+                 context_length: int | None = None) -> tuple[tuple[int, ...], int, Any, Any]:
+    """(latent (F, H, W, C), context length, latent dtype, context dtype) of one example."""
+    d = cfg.data
+    if d.source == "moving_digits":
+        shape = (d.num_frames, d.height, d.width, int(cfg.model.get("in_channels", 1)))
+        length, ldt = d.context_length, jnp.float32
+    else:
+        shape, length, ldt = WAN_480P_LATENTS, WAN_CONTEXT_LENGTH, jnp.bfloat16
+    shape = tuple(latent_shape) if latent_shape else shape
+    return shape, int(context_length or length), ldt, jnp.float32
+
+
+def data_shards(mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+
+
+def abstract_batch(run, global_batch: int, latent_shape: Sequence[int] | None = None,
+                   context_length: int | None = None) -> dict:
+    """The trainer's batch (``x0``, ``context`` over the batch axes; ``neg_context`` replicated)
+    as ``jax.ShapeDtypeStruct``s."""
+    shards = data_shards(run.mesh)
+    if global_batch % shards:
+        raise RunError(f"global batch {global_batch} is not divisible by the data axes (data x fsdp = {shards})")
+    shape, length, ldt, cdt = batch_shapes(run.cfg, latent_shape, context_length)
+    text_dim = int(run.nets.student.text_dim)
+    sd = jax.ShapeDtypeStruct
+    return {"x0": sd((global_batch,) + shape, ldt, sharding=parallel.batch_sharding(run.mesh, 1 + len(shape))),
+            "context": sd((global_batch, length, text_dim), cdt, sharding=parallel.batch_sharding(run.mesh, 3)),
+            "neg_context": sd((1, length, text_dim), cdt, sharding=run.replicated)}
+
+
+def abstract_frozen(run):
+    """The frozen teacher's parameters as sharded ``jax.ShapeDtypeStruct``s (or ``None``)."""
+    from anyflow_jax.training import loop
+    if not run.record.needs_teacher:
+        return None
+    return loop._abstract(loop._unboxed_abstract(run.nets.teacher), run.teacher_shardings)
+
+
+def compile_train(run, batch):
+    """The stage's steps compiled by the trainer's own :func:`~anyflow_jax.training.loop.compile_steps`
+    (same jit, shardings and donation) on abstract state, frozen teacher and batch."""
+    from anyflow_jax.training import loop
+    return loop.compile_steps(run, loop.abstract_state(run), abstract_frozen(run), batch)
+
+
+def sampler_kind(run) -> str:
+    return run.record.sampler
+
+
+def _sampler_inputs(run, global_batch, latent_shape, context_length, guidance):
+    shape, length, _, cdt = batch_shapes(run.cfg, latent_shape, context_length)
+    mesh, text_dim = run.mesh, int(run.nets.student.text_dim)
+    sd = jax.ShapeDtypeStruct
+    noise = sd((global_batch,) + shape, jnp.float32, sharding=parallel.batch_sharding(mesh, 1 + len(shape)))
+    ctx = sd((global_batch, length, text_dim), cdt, sharding=parallel.batch_sharding(mesh, 3))
+    neg = ctx if guidance != 1.0 else None
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), global_batch))
+    keys = sd(keys.shape, keys.dtype, sharding=parallel.batch_sharding(mesh, 1))
+    return noise, ctx, neg, keys
+
+
+def compile_sampler(run, *, steps: int = 4, global_batch: int | None = None, guidance: float | None = None,
+                    latent_shape=None, context_length=None, shift: float = 5.0):
+    """The inference sampler of the stage's model kind (:class:`anyflow_jax.inference.Generator`'s
+    jitted function) for ``steps`` steps, lowered on the EMA parameters' shardings and a batch
+    split over the data axes. Returns ``(compiled, lowered_fn, args)``."""
+    from anyflow_jax import stages
+    from anyflow_jax.inference import Generator
+    from anyflow_jax.training import loop
+    kind = sampler_kind(run)
+    gen = Generator(kind=kind, stage=run.record.name, model=run.nets.student, params=None, path="<deviceless>",
+                    data={}, shift=shift)
+    g = stages.get_sampler(kind).default_guidance if guidance is None else float(guidance)
+    fn = gen._fn(int(steps), g)
+    gb = global_batch or data_shards(run.mesh)
+    params = loop._abstract(loop._unboxed_abstract(run.nets.student), run.state_shardings.params)
+    args = (params,) + _sampler_inputs(run, gb, latent_shape, context_length, g)
+    with jax.set_mesh(run.mesh):
+        compiled = fn.lower(*args).compile()
+    return compiled, fn, args
+
+
+def sampler_analytic_flops(run, args, *, steps: int = 4, guidance: float | None = None, shift: float = 5.0) -> float:
+    """Model FLOPs (all chips) of the sampler :func:`compile_sampler` compiled, counted on its
+    matmuls with ``attention_impl='xla'`` (``args``: the abstract inputs it returned)."""
+    from anyflow_jax import stages
+    from anyflow_jax.inference import Generator
+    kind = sampler_kind(run)
+    gen = Generator(kind=kind, stage=run.record.name, model=run.nets.student.clone(attention_impl="xla"),
+                    params=None, path="<deviceless>", data={}, shift=shift)
+    g = stages.get_sampler(kind).default_guidance if guidance is None else float(guidance)
+    strip = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+    return jaxpr_dot_flops(jax.make_jaxpr(gen._fn(int(steps), g))(*strip(args)).jaxpr)
+
+
+# ----------------------------------------------------------------------------------- analysis
+def memory_report(compiled) -> dict[str, int]:
+    """Per-chip bytes from the compiler: argument, output, alias, temp, generated code and the
+    peak (``peak_memory_in_bytes`` where reported, else argument + output - alias + temp)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        raise RunError("the compiler reported no memory analysis")
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    peak = getattr(m, "peak_memory_in_bytes", None)
+    out["peak"] = int(peak) if peak else out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def cost_report(compiled) -> dict[str, float]:
+    """The compiler's per-chip ``flops`` and ``bytes accessed``."""
+    c = compiled.cost_analysis()
+    if isinstance(c, (list, tuple)):
+        c = c[0] if c else {}
+    c = c or {}
+    return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
+
+
+def _subjaxprs(params):
+    for v in params.values():
+        for x in (v if isinstance(v, (list, tuple)) else (v,)):
+            if isinstance(x, jax.extend.core.ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, jax.extend.core.Jaxpr):
+                yield x
+
+
+def jaxpr_dot_flops(jaxpr) -> float:
+    """FLOPs (2 per multiply-add) of the ``dot_general``s of a jaxpr, scans times their length,
+    the largest branch of each ``cond``; a ``while`` body counts once."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contract = math.prod(lhs[i] for i in lc)
+            total += 2.0 * contract * math.prod(eqn.outvars[0].aval.shape)
+        elif name == "scan":
+            total += eqn.params["length"] * jaxpr_dot_flops(eqn.params["jaxpr"].jaxpr)
+        elif name == "cond":
+            total += max(jaxpr_dot_flops(b.jaxpr) for b in eqn.params["branches"])
+        else:
+            total += sum(jaxpr_dot_flops(j) for j in _subjaxprs(eqn.params))
+    return total
+
+
+def analytic_flops(run, batch, *, remat: bool = False,
+                   programs: Sequence[str] = ("generator", "critic")) -> dict[str, float]:
+    """FLOPs (whole step, all chips) of each step of the stage, counted on the matmuls of the
+    step traced with ``attention_impl='xla'`` (attention in a Pallas kernel is counted too) and
+    ``remat_policy='none'`` (the model FLOPs: forward and backward of every network call), or
+    with the config's remat policy when ``remat`` (adds the rematerialised forwards)."""
+    from anyflow_jax.training import loop, steps
+    plain = {"attention_impl": "xla"} if remat else {"remat_policy": "none", "attention_impl": "xla"}
+    spec = dataclasses.replace(
+        run.spec, student=run.spec.student.clone(**plain),
+        teacher=run.spec.teacher.clone(**plain) if run.spec.teacher is not None else None)
+    state, frozen = loop.abstract_state(run), abstract_frozen(run)
+    strip = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+    args = (strip(state), strip(frozen), strip(batch))
+    out = {}
+    if "generator" in programs:
+        out["generator"] = jaxpr_dot_flops(jax.make_jaxpr(steps.make_generator_step(spec))(*args).jaxpr)
+    if run.record.has_critic and "critic" in programs:
+        out["critic"] = jaxpr_dot_flops(jax.make_jaxpr(steps.make_critic_step(spec))(*args).jaxpr)
+    return out
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "c64": 8}
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\][^ ]*\s+([\w\-]+)\(")
+_OPNAME = re.compile(r'op_name="([^"]*)"')
+
+
+def largest_buffers(compiled, n: int = 8) -> list[dict]:
+    """The ``n`` largest per-chip arrays the compiled (partitioned) program produces, from its HLO:
+    bytes, shape, HLO op and the JAX source op that made it."""
+    try:
+        text = compiled.as_text()
+    except Exception:
+        return []
+    return hlo_largest_arrays(text, n)
+
+
+def hlo_largest_arrays(text: str, n: int = 8) -> list[dict]:
+    """The ``n`` largest arrays an HLO module's text defines (one row per shape and source op)."""
+    found: dict[tuple, dict] = {}
+    for line in text.splitlines():
+        mm = _INSTR.match(line)
+        if not mm or mm.group(2) not in _DTYPE_BYTES:
+            continue
+        dims = tuple(int(d) for d in mm.group(3).split(",") if d)
+        size = _DTYPE_BYTES[mm.group(2)] * math.prod(dims)
+        src = _OPNAME.search(line)
+        src = src.group(1) if src else ""
+        key = (mm.group(2), dims, src)
+        if key not in found or found[key]["bytes"] < size:
+            found[key] = {"bytes": size, "shape": f"{mm.group(2)}[{','.join(map(str, dims))}]",
+                          "op": mm.group(4), "source": src}
+    return sorted(found.values(), key=lambda r: -r["bytes"])[:n]
+
+
+def lowered_largest_arrays(run, batch, program: str = "generator", n: int = 8) -> list[dict]:
+    """For a step the compiler rejects (out of memory): the largest arrays of the step's program
+    before partitioning (global shapes, with the JAX op that makes each), from the same step
+    function lowered on the same sharded abstract inputs."""
+    from anyflow_jax.training import loop, steps
+    make = steps.make_generator_step if program == "generator" else steps.make_critic_step
+    state, frozen = loop.abstract_state(run), abstract_frozen(run)  # eager ops: outside the TPU mesh
+    with jax.set_mesh(run.mesh):
+        lowered = jax.jit(make(run.spec)).lower(state, frozen, batch)
+    return hlo_largest_arrays(lowered.as_text(dialect="hlo", debug_info=True), n)
+
+
+def step_report(name: str, compiled, chip: ChipSpec, *, analytic: float | None = None,
+                executed: float | None = None, num_chips: int = 1, buffers: int = 8) -> dict[str, Any]:
+    """Memory, cost and roofline of one compiled program on ``chip``, all per chip.
+
+    ``analytic``/``executed``: the step's model FLOPs without and with rematerialisation over all
+    chips (:func:`analytic_flops`), divided by ``num_chips`` here. XLA's cost analysis counts the
+    body of a loop (the scanned layers, the rollout) once, so the compiler's FLOPs and bytes are
+    lower bounds on scanned programs; the remat overhead is ``executed / analytic`` and the
+    roofline bound is ``max(FLOPs / peak, bytes accessed / bandwidth)`` with the larger of the
+    compiler's and the executed FLOPs (both lower bounds, so their maximum is one too)."""
+    mem = memory_report(compiled)
+    cost = cost_report(compiled)
+    need = max(mem["peak"], mem["argument"] + mem["output"] - mem["alias"] + mem["temp"])
+    rep: dict[str, Any] = {"program": name, "memory": mem, "required_bytes": need, "hbm_bytes": chip.hbm_bytes,
+                           "fits": need <= chip.hbm_bytes, "num_chips": num_chips, **cost}
+    flops = cost["flops"]
+    if analytic is not None:
+        rep["analytic_flops"] = analytic / max(num_chips, 1)
+        rep["compiler_over_analytic"] = cost["flops"] / rep["analytic_flops"] if analytic else float("nan")
+    if executed is not None:
+        rep["executed_flops"] = executed / max(num_chips, 1)
+        flops = max(flops, rep["executed_flops"])
+        if analytic:
+            rep["remat_overhead"] = executed / analytic
+    rep["roofline_s"] = max(flops / chip.peak_flops, cost["bytes_accessed"] / chip.hbm_bandwidth)
+    if not rep["fits"]:
+        rep["largest_buffers"] = largest_buffers(compiled, buffers)
+    return rep
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    m = rep["memory"]
+    hbm = rep["hbm_bytes"]
+    need = rep["required_bytes"]
+    lines = [f"[{rep['program']}] per chip ({rep['num_chips']} chips):",
+             f"  memory: argument {format_bytes(m['argument'])}, output {format_bytes(m['output'])}, "
+             f"alias {format_bytes(m['alias'])}, temp {format_bytes(m['temp'])}, compiler peak "
+             f"{format_bytes(m['peak'])}; needs {format_bytes(need)} of {format_bytes(hbm)} HBM "
+             f"({100 * need / hbm:.0f}%)" + ("" if rep["fits"] else "  DOES NOT FIT"),
+             f"  compiler: {rep['flops']:.3e} FLOPs, {rep['bytes_accessed']:.3e} bytes accessed "
+             f"(loop bodies counted once)"]
+    if "analytic_flops" in rep:
+        lines.append(f"  analytic model FLOPs (fwd+bwd of every network call, no remat): {rep['analytic_flops']:.3e}; "
+                     f"compiler / analytic = {rep['compiler_over_analytic']:.2f}")
+    if "executed_flops" in rep:
+        lines.append(f"  with the config's remat: {rep['executed_flops']:.3e} FLOPs; remat overhead "
+                     f"{rep.get('remat_overhead', float('nan')):.2f}x")
+    lines.append(f"  roofline lower bound of the step: {rep['roofline_s'] * 1e3:.1f} ms")
+    if rep.get("largest_buffers"):
+        lines.append("  largest buffers (per chip):")
+    for b in rep.get("largest_buffers", []):
+        lines.append(f"    {format_bytes(b['bytes'])}  {b['shape']}  {b['op']}  {b['source']}")
+    return "\n".join(lines)
