@@ -3,22 +3,38 @@
 Eight fake CPU devices are configured before JAX initialises so that sharding tests can build
 real meshes; every other test runs on the default (first) device.
 
+XLA compiles the test programs with its CPU backend optimisations lowered (``FAST_COMPILE_FLAGS``,
+added to ``XLA_FLAGS`` and so passed to every subprocess): the programs are tiny and compiled
+once or a few times each, so compile time dominates, and no test relies on the optimiser (bit-exact
+checks compare runs made under the same flags; parity checks have tolerances). Set
+``ANYFLOW_JAX_TEST_XLA_OPT=1`` to test with XLA's default optimisation instead.
+
 JAX's persistent compilation cache is switched on for the session and, through the environment,
-for every subprocess it starts (``python -m anyflow_jax.train`` and friends): the same tiny
-programs are compiled by many tests and processes, and a cache hit skips XLA's compilation. The
-cache lives in a fresh temporary folder per session (removed at the end), unless
-``JAX_COMPILATION_CACHE_DIR`` is already set, which is then used as it is.
+for every subprocess it starts (``python -m anyflow_jax.train`` and friends) and every
+pytest-xdist worker: the same tiny programs are compiled by many tests and processes, and a cache
+hit skips XLA's compilation. The cache lives in a fresh temporary folder per session (removed at
+the end), unless ``JAX_COMPILATION_CACHE_DIR`` is already set, which is then used as it is.
 
 The tiny trained runs that several test files need (teacher, stage-1 flow map, consistency
-baseline) are session fixtures here, trained once; see ``runs_testlib`` for the tiny config.
-Tests only read them; a test that resumes or damages a run copies it first.
+baseline) are session fixtures here, trained once per session even with pytest-xdist: they live
+in a folder common to all workers, and a file lock lets the first worker that needs a run train it
+while the others wait and then read it; see ``runs_testlib`` for the tiny config. Tests only read
+them; a test that resumes or damages a run copies it first.
 """
+import collections
+import fcntl
+import json
 import os
 import shutil
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+_flags = os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=8").split()
+if not os.environ.get("ANYFLOW_JAX_TEST_XLA_OPT"):
+    _flags += [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in {g.split("=")[0] for g in _flags}]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _OWN_CACHE = None
@@ -38,6 +54,19 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runs_testlib, flowmap_testlib
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files with more slow tests first (each file's own order kept): pytest-xdist hands out
+    whole files in this order (``--dist loadfile --no-loadscope-reorder``), so the long files start
+    early and short ones fill the end, instead of a long file starting last and running alone."""
+    def path(item):
+        return item.nodeid.split("::", 1)[0]
+    slow = collections.Counter(path(item) for item in items if item.get_closest_marker("slow"))
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(path(item), i)
+    items.sort(key=lambda item: (-slow[path(item)], first[path(item)]))
 
 
 def pytest_unconfigure(config):
@@ -64,11 +93,21 @@ def _snapshot(path):
     return out
 
 
+def _shared_root(tmp_path_factory):
+    """The folder of the shared runs: the session's temporary folder, or under pytest-xdist the
+    parent of the workers' temporary folders, which all workers of a session share."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "tiny_runs"
+        root.mkdir(exist_ok=True)
+        return root
+    return tmp_path_factory.mktemp("tiny_runs")
+
+
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory):
     """(folder of the shared runs, {workdir: snapshot after training}). At the end of the session every shared run must be exactly
     as its fixture left it (tests read them; a test that writes must work on a copy)."""
-    root = tmp_path_factory.mktemp("tiny_runs")
+    root = _shared_root(tmp_path_factory)
     trained = {}
     yield root, trained
     changed = {wd: sorted(set(snap.items()) ^ set(_snapshot(wd).items())) for wd, snap in trained.items()}
@@ -77,12 +116,23 @@ def shared_runs(tmp_path_factory):
 
 
 def _train_shared(shared_runs, name, cfg):
-    from anyflow_jax.training import loop  # imported late: a broken library fails these tests, not collection
+    """Train ``cfg`` into the shared run ``name`` unless a process of this session already has
+    (the lock serialises the workers; ``name.json`` beside the run records its result)."""
     root, trained = shared_runs
-    wd = str(root / name)
-    last = loop.train(cfg, wd)
-    trained[wd] = _snapshot(wd)
-    return wd, last
+    wd, done = str(root / name), root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                from anyflow_jax.training import loop  # imported late: a broken library fails these tests, not collection
+                shutil.rmtree(wd, ignore_errors=True)  # what a failed attempt left
+                last = loop.train(cfg, wd)  # {name: float, "step": int} (JSON keeps both types)
+                done.write_text(json.dumps({"last": last, "snapshot": sorted(_snapshot(wd).items())}))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    record = json.loads(done.read_text())
+    trained[wd] = {k: tuple(v) for k, v in record["snapshot"]}
+    return wd, record["last"]
 
 
 @pytest.fixture(scope="session")

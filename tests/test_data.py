@@ -444,7 +444,7 @@ def test_iterator_with_worker_processes():
 
 _TWO_PROCESS_WORKER = r'''
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 import numpy as np
@@ -484,7 +484,8 @@ def test_global_batch_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_TWO_PROCESS_WORKER)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    from runs_testlib import subprocess_env
+    env = subprocess_env()  # the session's XLA compile flags; the script sets 4 devices
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env, cwd=root,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -2,58 +2,27 @@
 (reported once, with the saved step), the pipeline stops and a rerun resumes the unfinished
 stage, metrics are not duplicated by a resume, and every flag or config mistake of `train` and
 `pipeline` is one `error:` line with status 2."""
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from anyflow_jax.errors import EXIT_PREEMPTED
 from anyflow_jax.training.run_checkpoints import RunCheckpointer
+from runs_testlib import ROOT, TINY_OVERRIDES, logged_steps, subprocess_env, train_cli, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=32)
-TINY_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY.items()] + [
-    "--config.data.global_batch_size=4", "--config.data.num_frames=4", "--config.train.tensorboard=False",
-    "--config.mesh.fsdp=1", "--config.train.log_every=1", "--config.train.async_checkpointing=False"]
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-
-
-def _train(workdir, steps, *extra):
-    cmd = [sys.executable, "-m", "anyflow_jax.train", "--config=configs/toy.py:teacher", f"--workdir={workdir}",
-           f"--config.train.steps={steps}", *TINY_FLAGS, *extra]
-    return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _records(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line)["step"] for line in fh if line.strip()]
-
-
-def _wait_for(pred, proc, timeout=240):
-    t0 = time.time()
-    while not pred():
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early:\n{proc.stdout.read()}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.02)
+ENV = subprocess_env(devices=1)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_and_exits_75_then_a_rerun_finishes(sig, tmp_path):
     wd = str(tmp_path / "run")
-    p = _train(wd, 400, "--config.train.checkpoint_every=1000")
-    _wait_for(lambda: len(_records(wd)) >= 3, p)
+    p = train_cli(wd, 400, "--config.train.checkpoint_every=1000")
+    wait_for(lambda: len(logged_steps(wd)) >= 3, p)
     p.send_signal(sig)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == EXIT_PREEMPTED, out
@@ -62,16 +31,16 @@ def test_a_signal_saves_and_exits_75_then_a_rerun_finishes(sig, tmp_path):
     name = signal.Signals(sig).name
     assert out.count(f"stopped by {name} at step {saved}; checkpoint saved") == 1, out
     assert "finished" not in out and "Traceback" not in out and "KeyboardInterrupt" not in out
-    assert _records(wd) == list(range(1, saved + 1))
-    p = _train(wd, saved + 2, "--config.train.checkpoint_every=1000")
+    assert logged_steps(wd) == list(range(1, saved + 1))
+    p = train_cli(wd, saved + 2, "--config.train.checkpoint_every=1000")
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out
     assert f"finished at step {saved + 2}" in out
-    assert _records(wd) == list(range(1, saved + 3))  # each step once
+    assert logged_steps(wd) == list(range(1, saved + 3))  # each step once
     # a quiet story: no parameter table (it is in a file), no TensorBoard warning, no "resumed" after "random init"
     assert "Trainable:" not in out and os.path.isfile(os.path.join(wd, "parameters.txt"))
     assert "TensorBoard" not in out and "random init" not in out and f"resumed from {wd}/checkpoints step {saved}" in out
-    p = _train(wd, saved + 2)
+    p = train_cli(wd, saved + 2)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0 and f"nothing to do, {wd} is already at step {saved + 2}" in out, out
     assert "loss" not in out.splitlines()[-1]
@@ -80,31 +49,28 @@ def test_a_signal_saves_and_exits_75_then_a_rerun_finishes(sig, tmp_path):
 @pytest.mark.slow
 def test_metrics_logged_after_the_last_checkpoint_are_not_duplicated(tmp_path):
     wd = str(tmp_path / "run")
-    p = _train(wd, 400, "--config.train.checkpoint_every=3")
-    _wait_for(lambda: len(_records(wd)) >= 5, p)
+    p = train_cli(wd, 400, "--config.train.checkpoint_every=3")
+    wait_for(lambda: len(logged_steps(wd)) >= 5, p)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    logged = _records(wd)
+    logged = logged_steps(wd)
     saved = RunCheckpointer(wd, read_only=True).latest_step()
     assert max(logged) > saved  # records past the checkpoint exist: the resume must not repeat them
     total = max(logged) + 2
-    p = _train(wd, total, "--config.train.checkpoint_every=3")
+    p = train_cli(wd, total, "--config.train.checkpoint_every=3")
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out
-    assert _records(wd) == list(range(1, total + 1))
+    assert logged_steps(wd) == list(range(1, total + 1))
 
 
 @pytest.mark.slow
 def test_a_preempted_pipeline_stops_and_a_rerun_resumes_the_unfinished_stage(tmp_path):
     root = str(tmp_path / "toy")
-    overrides = [f"--override=model.{k}={v}" for k, v in TINY.items()] + [
-        "--override=data.global_batch_size=4", "--override=data.num_frames=4", "--override=train.tensorboard=false",
-        "--override=mesh.fsdp=1", "--override=train.log_every=1", "--override=train.async_checkpointing=false"]
     cmd = [sys.executable, "-m", "anyflow_jax.pipeline", "--workdir", root, "--stages", "teacher,flow_map",
-           "--eval-steps", "", "--steps-scale", "0.2", *overrides]  # teacher 400 steps, flow map 80
+           "--eval-steps", "", "--steps-scale", "0.2", *TINY_OVERRIDES]  # teacher 400 steps, flow map 80
     teacher = os.path.join(root, "teacher")
     p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: len(_records(teacher)) >= 3, p)
+    wait_for(lambda: len(logged_steps(teacher)) >= 3, p)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == EXIT_PREEMPTED, out

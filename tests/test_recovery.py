@@ -16,25 +16,17 @@ import pytest
 from anyflow_jax.checkpoints import model as model_ckpt
 from anyflow_jax.checkpoints import runs
 from anyflow_jax.checkpoints.diffusers import CheckpointError
-from anyflow_jax.defaults import toy_config
 from anyflow_jax.errors import RunError
 from anyflow_jax.training import loop
+from runs_testlib import ROOT, TINY_FLAGS, subprocess_env, tiny
 
 # TensorStore leaves the failed read's future unretrieved when a truncated file is read: expected here.
 pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"), pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=32)
-
 
 def cfg(steps):
-    c = toy_config("teacher")
-    c.model.update(TINY_MODEL)
-    c.data.update(dict(global_batch_size=4, num_frames=4))
-    c.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    c.train.update(dict(steps=steps, log_every=1, checkpoint_every=2, keep_checkpoints=5, tensorboard=False,
-                        async_checkpointing=False))
-    return c
+    """The tiny teacher (runs_testlib), checkpointed every 2 steps, keeping 5."""
+    return tiny("teacher", steps=steps, checkpoint_every=2, keep_checkpoints=5)
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +110,10 @@ def test_no_intact_step_is_one_error_and_touches_nothing(runs_6_and_8, tmp_path)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4", "6"]
     assert not os.path.exists(os.path.join(wd, "damaged"))
     # the CLI: one line, exit 2
-    flags = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()] + [
-        "--config.data.global_batch_size=4", "--config.data.num_frames=4", "--config.train.steps=8",
-        "--config.mesh.fsdp=1", "--config.train.keep_checkpoints=5"]
+    flags = TINY_FLAGS + ["--config.train.steps=8", "--config.train.keep_checkpoints=5"]
     out = subprocess.run([sys.executable, "-m", "anyflow_jax.train", "--config", "configs/toy.py:teacher",
-                          "--workdir", wd] + flags, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--workdir", wd] + flags, cwd=ROOT, env=subprocess_env(devices=1), capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 2
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "no intact checkpoint" in errors[0] and "Traceback" not in out.stderr

@@ -17,6 +17,7 @@ from anyflow_jax import sample as S
 from anyflow_jax import video as V
 from anyflow_jax.evaluation.harness import class_table
 from anyflow_jax.inference import sample_keys
+from runs_testlib import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F, H, W = 4, 16, 16  # tiny video shape (1 channel)
@@ -138,8 +139,7 @@ def test_flow_map_cli_and_contact_sheet(ckpts, shared, tmp_path, capsys):
 @pytest.mark.slow
 def test_consistency_cli_as_a_subprocess(ckpts, tmp_path):
     out = str(tmp_path / "cm")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()  # one device
     proc = subprocess.run([sys.executable, "-m", "anyflow_jax.sample", "--checkpoint", ckpts["consistency"],
                            "--steps", "1,2", "--class", "1,8", "--format", "npy,gif,mp4", "--scale", "2",
                            "--sheet-scale", "1", "--progress", "--out", out],

@@ -6,9 +6,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +16,7 @@ from anyflow_jax.checkpoints.runs import read_run_file
 from anyflow_jax.errors import RunError
 from anyflow_jax.training import loop, steps
 from anyflow_jax.training.run_checkpoints import RunCheckpointer
-from runs_testlib import TINY_FLAGS, assert_trees_equal, metrics, restore_item, tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from runs_testlib import assert_trees_equal, logged_steps, metrics, restore_item, tiny, train_cli, wait_for
 
 
 # ------------------------------------------------------------------------------ stages
@@ -89,32 +84,8 @@ def test_resume_in_process_is_bit_exact(tmp_path):
         assert_trees_equal(restore_item(straight, 6, item), restore_item(split, 6, item))
 
 
-def _cli(workdir, steps, extra=(), **popen):
-    cmd = [sys.executable, "-m", "anyflow_jax.train", f"--config={ROOT}/configs/toy.py:teacher",
-           f"--workdir={workdir}", f"--config.train.steps={steps}", "--config.train.checkpoint_every=3", *TINY_FLAGS,
-           *extra]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
-
-
-def _wait_for(pred, proc, timeout=180):
-    t0 = time.time()
-    while not pred():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
-def _steps_logged(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as fh:
-        return sum(1 for _ in fh)
+def _cli(workdir, steps, extra=()):
+    return train_cli(workdir, steps, "--config.train.checkpoint_every=3", *extra)
 
 
 @pytest.mark.slow
@@ -128,7 +99,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
 
     # SIGKILL right after the step-3 checkpoint is committed, then resume.
     p = _cli(killed, total)
-    _wait_for(lambda: os.path.isdir(os.path.join(killed, "checkpoints", "3")), p)
+    wait_for(lambda: os.path.isdir(os.path.join(killed, "checkpoints", "3")), p)
     p.send_signal(signal.SIGKILL)
     p.wait()
     latest = RunCheckpointer(killed, read_only=True).latest_step()
@@ -139,7 +110,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
 
     # SIGTERM mid-run: the process saves the current step and exits cleanly; then resume.
     p = _cli(termed, total)
-    _wait_for(lambda: _steps_logged(termed) >= 2, p)
+    wait_for(lambda: len(logged_steps(termed)) >= 2, p)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 75, out  # saved and stopped: the documented "preempted" status (README)

@@ -145,9 +145,6 @@ def _writable_dir(out: str) -> str:
 def _check_checkpoint(label: str, path: str, kind: str | None = None) -> None:
     """Fail unless ``path`` is a checkpoint (training workdir, Orbax model checkpoint or diffusers
     folder) and, for a workdir (whose ``run.json`` names its stage), of ``kind``; loads nothing."""
-    from anyflow_jax import stages as stage_registry
-    from anyflow_jax.checkpoints import diffusers as dif
-    from anyflow_jax.checkpoints import model as model_ckpt
     from anyflow_jax.checkpoints import runs
     from anyflow_jax.errors import RunError
     full = os.path.abspath(os.path.expanduser(path))
@@ -156,14 +153,11 @@ def _check_checkpoint(label: str, path: str, kind: str | None = None) -> None:
     try:
         src_kind = runs.checkpoint_kind(full)
     except RunError:
-        raise EvalError(f"{label}: {path} is not a checkpoint (expected a training workdir with {runs.RUN_FILE}, "
-                        f"an Orbax model checkpoint with {model_ckpt.MODEL_FILE} or a diffusers transformer folder "
-                        f"with {dif.CONFIG_NAME})") from None
+        raise EvalError(f"{label}: {runs.not_a_checkpoint(path)}") from None
     if kind is None or src_kind != "workdir":
         return
     try:
-        stage = (runs.read_run_file(full) or {}).get("stage")
-        found = stage_registry.get(stage).sampler if stage is not None else None
+        stage, found = runs.workdir_sampler(full)
     except (RunError, OSError, ValueError) as e:
         raise EvalError(f"{label}: cannot read {path}: {e}") from None
     if found is not None and found != kind:

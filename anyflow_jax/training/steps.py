@@ -50,6 +50,14 @@ def _networks(spec: StepSpec, state: TrainState, frozen_params) -> Networks:
                     critic_params=state.critic_params)
 
 
+def _descend(objective: Callable, params, opt_state, tx: optax.GradientTransformation, mask):
+    """One optimizer step on ``objective(params) -> (loss, metrics)``: ``(params, opt_state, loss,
+    metrics, grad_norm)``, the gradient norm over the leaves of ``mask``."""
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, metrics, optim.grad_norm(grads, mask)
+
+
 def make_generator_step(spec: StepSpec) -> Callable:
     """``step(state, frozen_params, batch) -> (state, metrics)`` for the trained network."""
     opts = dict(spec.loss_options)
@@ -64,15 +72,14 @@ def make_generator_step(spec: StepSpec) -> Callable:
         def objective(p):
             return spec.stage.objective(dataclasses.replace(nets, student_params=p), batch, key, opts)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, loss, metrics, grad_norm = _descend(objective, state.params, state.opt_state, spec.tx,
+                                                               spec.trainable_mask)
         new_step = state.step + 1 if increments else state.step
         ema = optim.ema_update(state.ema_params, params, state.step, decay=spec.ema_decay,
                                warmup_steps=spec.ema_warmup_steps, mask=spec.trainable_mask)
         metrics = dict(metrics)
         metrics["loss"] = loss
-        metrics["grad_norm"] = optim.grad_norm(grads, spec.trainable_mask)
+        metrics["grad_norm"] = grad_norm
         metrics["lr"] = jnp.asarray(spec.lr_fn(state.step), jnp.float32)
         return state.replace(step=new_step, params=params, ema_params=ema, opt_state=opt_state), metrics
 
@@ -91,12 +98,11 @@ def make_critic_step(spec: StepSpec) -> Callable:
         def objective(cp):
             return spec.stage.critic_objective(dataclasses.replace(nets, critic_params=cp), batch, key, opts)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.critic_params)
-        updates, opt_state = spec.critic_tx.update(grads, state.critic_opt_state, state.critic_params)
-        critic_params = optax.apply_updates(state.critic_params, updates)
+        critic_params, opt_state, loss, metrics, grad_norm = _descend(
+            objective, state.critic_params, state.critic_opt_state, spec.critic_tx, spec.critic_mask)
         metrics = {f"critic/{k}": v for k, v in metrics.items()}
         metrics["critic/loss"] = loss
-        metrics["critic/grad_norm"] = optim.grad_norm(grads, spec.critic_mask)
+        metrics["critic/grad_norm"] = grad_norm
         return state.replace(step=state.step + 1, critic_params=critic_params, critic_opt_state=opt_state), metrics
 
     return step
