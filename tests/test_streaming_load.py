@@ -120,7 +120,6 @@ if layout == "single":
 '''
 
 
-@pytest.mark.slow  # an 8-device subprocess per layout
 @pytest.mark.parametrize("layout", ["single", "index"])
 def test_sharded_load_reads_only_device_blocks(tmp_path, layout):
     proc = subprocess.run([sys.executable, "-c", CHECK, layout, str(tmp_path)], cwd=ROOT, env=subprocess_env(devices=8),

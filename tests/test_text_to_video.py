@@ -68,7 +68,6 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-@pytest.mark.slow
 def test_prompt_to_mp4_matches_diffusers_step_by_step(pipeline, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = _cli(["--checkpoint", pipeline, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
@@ -111,7 +110,6 @@ def _has_pyav():
         return False
 
 
-@pytest.mark.slow
 def test_prompts_are_encoded_once_whatever_the_step_counts(pipeline, tmp_path, capsys, monkeypatch):
     from anyflow_jax import text
     calls = []
@@ -138,7 +136,6 @@ def test_prompts_are_encoded_once_whatever_the_step_counts(pipeline, tmp_path, c
                                       np.load(tmp_path / "o" / f"prompt1_s0_steps{s}.npy"))
 
 
-@pytest.mark.slow
 def test_anyflow_student_folder_and_transformer_plus_pipeline(pipeline, tmp_path, capsys):
     """A released-AnyFlow-layout folder (flow-map transformer) samples with guidance 1; a bare
     transformer folder samples with --pipeline for the encoder and VAE."""
