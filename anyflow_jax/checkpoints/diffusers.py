@@ -228,19 +228,28 @@ class _TensorStore:
         return arr if post is None else arr[tuple(post)]
 
 
-def read_config(path: str) -> dict[str, Any]:
-    """The ``config.json`` of a diffusers transformer directory, checked for its class."""
+def read_json_config(path, what: str) -> tuple[dict[str, Any], str]:
+    """``(config, config path)`` of the folder ``path``'s ``config.json``; ``what`` names the
+    expected folder in the errors (e.g. "diffusers transformer")."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory (expected a diffusers transformer folder)")
+        raise CheckpointError(f"{path}: not a directory (expected a {what} folder)")
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path}: not a diffusers transformer folder (no {CONFIG_NAME})")
+        raise CheckpointError(f"{path}: not a {what} folder (no {CONFIG_NAME})")
     try:
         with open(cfg_path) as fh:
             cfg = json.load(fh)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
+    return cfg, cfg_path
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The ``config.json`` of a diffusers transformer directory, checked for its class."""
+    cfg, cfg_path = read_json_config(path, "diffusers transformer")
     cls = cfg.get("_class_name")
     if cls not in _KNOWN_CLASSES:
         raise CheckpointError(f"{cfg_path}: _class_name={cls!r} is not a Wan transformer (expected one of {_KNOWN_CLASSES})")

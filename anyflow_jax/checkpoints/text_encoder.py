@@ -15,7 +15,6 @@ is accepted; when both are present they must be equal, and the pair counts as on
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
@@ -23,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from anyflow_jax.checkpoints.diffusers import IDENTITY, LINEAR, CheckpointError, Transform, _get, _progress, _set
+from anyflow_jax.checkpoints.diffusers import (IDENTITY, LINEAR, CheckpointError, Transform, _get, _progress, _set,
+                                               read_json_config)
 from anyflow_jax.checkpoints.diffusers import _TensorStore as _DiffusersStore
 from anyflow_jax.checkpoints.safetensors_io import SafetensorsError
 from anyflow_jax.models.umt5 import UMT5Encoder
@@ -86,20 +86,7 @@ def _TensorStore(path: str):
 
 def read_config(path: str) -> dict[str, Any]:
     """The ``config.json`` of a transformers UMT5 encoder folder."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory (expected a transformers text encoder folder)")
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path}: not a transformers text encoder folder (no {CONFIG_NAME})")
-    try:
-        with open(cfg_path) as fh:
-            cfg = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_path}: not a JSON object")
-    return cfg
+    return read_json_config(path, "transformers text encoder")[0]
 
 
 def _fmt(names: list[str]) -> str:

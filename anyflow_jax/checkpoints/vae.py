@@ -12,7 +12,6 @@ weights ``(O, I, kh, kw)`` -> ``(kh, kw, I, O)``; RMS-norm ``gamma`` ``(C, 1, 1[
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from anyflow_jax.checkpoints.diffusers import (CONFIG_NAME, IDENTITY, CheckpointError, Entry, Transform,
-                                               _TensorStore, _get, _progress, _set)
+                                               _TensorStore, _get, _progress, _set, read_json_config)
 from anyflow_jax.checkpoints.safetensors_io import SafetensorsError
 from anyflow_jax.models.wan_vae import WanVAE
 
@@ -184,17 +183,7 @@ def expected_shapes(model: WanVAE) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------------- reading
 def read_vae_config(path) -> dict[str, Any]:
     """The ``config.json`` of a diffusers ``AutoencoderKLWan`` folder, checked for its class."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory (expected a diffusers VAE folder)")
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path}: not a diffusers VAE folder (no {CONFIG_NAME})")
-    try:
-        with open(cfg_path) as fh:
-            cfg = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg, cfg_path = read_json_config(path, "diffusers VAE")
     cls = cfg.get("_class_name")
     if cls != VAE_CLASS:
         raise CheckpointError(f"{cfg_path}: _class_name={cls!r} is not a Wan VAE (expected {VAE_CLASS!r})")
