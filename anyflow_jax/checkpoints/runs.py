@@ -153,12 +153,17 @@ def restore_newest_intact(directory: str, steps: Sequence[int], items: Sequence[
     ``(result, step)``. Each damaged step (missing item, unreadable metadata or data) is logged,
     passed to ``on_damaged`` and skipped; with no intact step, one :class:`RunError` lists them."""
     damaged: list[DamagedCheckpoint] = []
+    with _quiet_failed_reads() as quiet:
+        result, step = _restore_newest(directory, steps, items, restore, targets, on_damaged, damaged, quiet)
+    return result, step
+
+
+def _restore_newest(directory, steps, items, restore, targets, on_damaged, damaged, quiet):
     for step in sorted(steps, reverse=True):
         try:
             check_step(directory, step, items, targets)
             try:
-                with _quiet_failed_reads():
-                    result = restore(step)
+                result = restore(step)
             except DamagedCheckpoint:
                 raise
             except RunError:
@@ -168,6 +173,7 @@ def restore_newest_intact(directory: str, steps: Sequence[int], items: Sequence[
                 cause = e.__cause__ if getattr(e, "item", None) and e.__cause__ is not None else e
                 raise DamagedCheckpoint(directory, step, item, f"cannot be read ({_one_line(cause)})") from None
         except DamagedCheckpoint as d:
+            quiet.failed = True
             damaged.append(d)
             log.warning("%s", d)
             if on_damaged is not None:
@@ -186,7 +192,8 @@ class _quiet_failed_reads:
     """While a step is read: when a read fails, TensorStore leaves its sibling reads' coroutines
     unfinished, and Python prints each one's exception as "Exception ignored in ..." when they
     are collected. The failure itself is reported (once, naming the step and item); these echoes
-    are collected here, silently."""
+    are collected here, silently, once the failed step's exception (which holds them) is gone."""
+    failed = False
 
     def __enter__(self):
         self._old = sys.unraisablehook
@@ -195,7 +202,7 @@ class _quiet_failed_reads:
 
     def __exit__(self, exc_type, *exc):
         try:
-            if exc_type is not None:
+            if exc_type is not None or self.failed:
                 gc.collect()
         finally:
             sys.unraisablehook = self._old
