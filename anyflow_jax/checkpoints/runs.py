@@ -191,8 +191,10 @@ def _restore_newest(directory, steps, items, restore, targets, on_damaged, damag
 class _quiet_failed_reads:
     """While a step is read: when a read fails, TensorStore leaves its sibling reads' coroutines
     unfinished, and Python prints each one's exception as "Exception ignored in ..." when they
-    are collected. The failure itself is reported (once, naming the step and item); these echoes
-    are collected here, silently, once the failed step's exception (which holds them) is gone."""
+    are collected. The failure itself is reported (once, naming the step and item). Inside the
+    window every such echo is dropped; after a failed read, the echoes of the unfinished read
+    coroutines only (:func:`_is_failed_read_echo`) stay dropped for the rest of the process,
+    since Orbax's event-loop thread may release them later; any other unraisable is printed."""
     failed = False
 
     def __enter__(self):
@@ -206,6 +208,28 @@ class _quiet_failed_reads:
                 gc.collect()
         finally:
             sys.unraisablehook = self._old
+            if exc_type is not None or self.failed:
+                _drop_failed_read_echoes()
+
+
+def _is_failed_read_echo(unraisable) -> bool:
+    obj = getattr(unraisable, "object", None)
+    code = getattr(obj, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename and "read" in code.co_name
+
+
+def _drop_failed_read_echoes() -> None:
+    """Install (once) an unraisable hook that drops :func:`_is_failed_read_echo` and passes
+    everything else to the hook it replaces."""
+    if getattr(sys.unraisablehook, "_drops_failed_read_echoes", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_failed_read_echo(unraisable):
+            previous(unraisable)
+    hook._drops_failed_read_echoes = True
+    sys.unraisablehook = hook
 
 
 def _failed_item(e: BaseException, items: Sequence[str]) -> str:

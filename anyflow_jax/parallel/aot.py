@@ -20,6 +20,7 @@ Library entry points: :func:`abstract_run`, :func:`abstract_batch`, :func:`compi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -126,58 +127,19 @@ def _read_config(config) -> config_lib.RunConfig:
 
 def abstract_run(config, devices: Sequence[Any]):
     """A :class:`~anyflow_jax.training.loop.Run` whose networks, step spec, mesh and shardings
-    are the trainer's for ``config`` on ``devices``, with no parameters, data or checkpoints
-    (the student is the stage's kind of network: a flow map when the stage trains one; the
-    teacher/critic share the config's architecture)."""
-    from anyflow_jax.training import loop, optim, steps
-    from anyflow_jax.training.state import TrainState, opt_state_shardings
-    from anyflow_jax.models.wan import WanTransformer3D
+    are the trainer's for ``config`` on ``devices``, with no parameters, data or checkpoints:
+    the trainer's own :func:`~anyflow_jax.training.loop.make_run_mesh`,
+    :func:`~anyflow_jax.training.loop.abstract_networks` (the student is the stage's kind of
+    network: a flow map when the stage trains one; the teacher/critic share the config's
+    architecture) and :func:`~anyflow_jax.training.loop.derive_layout`."""
+    from anyflow_jax.training import loop
 
     cfg = _read_config(config)
-    record = cfg.record
-    m = cfg.mesh
-    try:
-        sizes = parallel.resolve_mesh_shape(m.data, m.fsdp, m.tensor, len(devices))
-    except ValueError as e:
-        raise RunError(f"config.mesh: {e}") from None
-    mesh = parallel.make_mesh(*sizes, devices=devices)
-
-    arch, runtime = loop._architecture(cfg), loop._runtime(cfg)
-    base = WanTransformer3D.from_config(arch, **runtime)
-    student = base
-    if record.student_is_flow_map and not base.flow_map:
-        student = base.clone(flow_map=True, gate_value=float(cfg.model.get("gate_value", 0.25)),
-                             deltatime_type=cfg.model.get("deltatime_type", "r"))
-    teacher = base.clone(flow_map=False) if (record.needs_teacher or record.has_critic) else None
-    nets = loop.Networks(student=student, teacher=teacher, notes=["deviceless: no parameters"])
-
-    abstract_params = loop._unboxed_abstract(student)
-    mask = optim.trainable_mask(abstract_params, list(cfg.optim.trainable_patterns))
-    tx = optim.make_optimizer(**cfg.optim.optimizer_kwargs(), mask=mask)
-    critic_tx = critic_mask = None
-    if record.has_critic:
-        critic_mask = optim.trainable_mask(loop._unboxed_abstract(teacher), list(cfg.critic_optim.trainable_patterns))
-        critic_tx = optim.make_optimizer(**cfg.critic_optim.optimizer_kwargs(), mask=critic_mask)
-    spec = steps.StepSpec(
-        stage=record, student=student, teacher=teacher, loss_options=cfg.loss,
-        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
-        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
-        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
-        critic_update_ratio=cfg.train.critic_update_ratio)
-
-    rules = parallel.DEFAULT_RULES
-    rep = parallel.replicated(mesh)
-    p_sh = parallel.param_shardings(student.abstract_params(), mesh, rules)
-    t_sh = parallel.param_shardings(teacher.abstract_params(), mesh, rules) if teacher is not None else None
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    abstract_copt = jax.eval_shape(critic_tx.init, loop._unboxed_abstract(teacher)) if critic_tx is not None else None
-    state_sh = TrainState(
-        step=rep, rng=rep, params=p_sh, ema_params=p_sh, opt_state=opt_state_shardings(abstract_opt, p_sh, mesh),
-        critic_params=t_sh if record.has_critic else None,
-        critic_opt_state=opt_state_shardings(abstract_copt, t_sh, mesh) if abstract_copt is not None else None)
-    return loop.Run(cfg=cfg, record=record, workdir="", mesh=mesh, nets=nets, spec=spec, state_shardings=state_sh,
-                    teacher_shardings=t_sh, replicated=rep, ckpt=None, writer=None, data_iterator=None,
-                    negative=None, latest_step=None)
+    mesh = loop.make_run_mesh(cfg, devices, allow_subset=False)
+    nets = loop.abstract_networks(cfg, notes=["deviceless: no parameters"])
+    layout = loop.derive_layout(cfg, mesh, nets)
+    return loop.Run(cfg=cfg, record=cfg.record, workdir="", nets=nets, **layout.fields(), ckpt=None, writer=None,
+                    data_iterator=None, negative=None, latest_step=None)
 
 
 # Wan2.1 at 480x832, 81 frames: VAE latents (21, 60, 104, 16), UMT5 context (512, 4096).
@@ -354,6 +316,68 @@ def analytic_flops(run, batch, *, remat: bool = False,
     if run.record.has_critic and "critic" in programs:
         out["critic"] = jaxpr_dot_flops(jax.make_jaxpr(steps.make_critic_step(spec))(*args).jaxpr)
     return out
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """Every ``jax.lax.scan`` traced inside the block is fully unrolled (``unroll=True``): no XLA
+    while loop is left, so the compiler's cost analysis counts every iteration (it counts a loop
+    body once). Only for measuring: the programs are larger and slower to compile."""
+    scan = jax.lax.scan
+
+    def unrolled(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
+        del unroll
+        return scan(f, init, xs, length=length, reverse=reverse, unroll=True, **kwargs)
+
+    jax.lax.scan = unrolled
+    try:
+        yield
+    finally:
+        jax.lax.scan = scan
+
+
+def layer_variant(config, num_layers: int) -> config_lib.RunConfig:
+    """``config`` with ``num_layers`` unscanned blocks (``scan_layers=False``), everything else
+    equal; the replication check is off (a 1-layer model is mostly embeddings)."""
+    cfg = _read_config(config)
+    return dataclasses.replace(
+        cfg, model={**cfg.model, "num_layers": int(num_layers), "scan_layers": False},
+        train=dataclasses.replace(cfg.train, max_unsharded_fraction=1.0))
+
+
+def loop_corrected_costs(config, devices: Sequence[Any], *, global_batch: int, latent_shape=None,
+                         context_length=None, train: bool = True, sampler_steps: int = 0,
+                         layers: tuple[int, int] = (1, 2)) -> dict[str, dict[str, float]]:
+    """The compiler's per-chip FLOPs and bytes accessed of each program with every loop counted
+    in full: the same programs compiled with ``layers`` = (a, b) unscanned blocks and every other
+    ``lax.scan`` (rollout transitions, sampler steps) unrolled (:func:`unrolled_scans`), then
+    extrapolated linearly to the config's layer count L: ``c(a) + (L - a) (c(b) - c(a)) / (b - a)``
+    (every block costs the same). Keys: ``generator``, ``critic`` (stages with a critic),
+    ``sampler`` (with ``sampler_steps``); values ``{"flops", "bytes_accessed", "at": {a: .., b: ..}}``."""
+    a, b = layers
+    full = abstract_run(config, devices)
+    num_layers = int(full.nets.student.num_layers)
+    measured: dict[int, dict[str, dict[str, float]]] = {}
+    for n in (a, b):
+        run = abstract_run(layer_variant(full.cfg, n), devices)
+        out = measured[n] = {}
+        with unrolled_scans():
+            if train:
+                compiled = compile_train(run, abstract_batch(run, global_batch, latent_shape, context_length))
+                for name in ("generator", "critic"):
+                    if getattr(compiled, name) is not None:
+                        out[name] = cost_report(getattr(compiled, name))
+            if sampler_steps:
+                sampler, _, _ = compile_sampler(run, steps=sampler_steps, global_batch=global_batch,
+                                                latent_shape=latent_shape, context_length=context_length)
+                out["sampler"] = cost_report(sampler)
+    result = {}
+    for name in measured[a]:
+        ca, cb = measured[a][name], measured[b][name]
+        result[name] = {k: ca[k] + (num_layers - a) * (cb[k] - ca[k]) / (b - a) for k in ("flops", "bytes_accessed")}
+        result[name]["at"] = {a: ca, b: cb}
+        result[name]["num_layers"] = num_layers
+    return result
 
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,

@@ -25,7 +25,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,14 +79,27 @@ def validate_config(config, *, process_count: int | None = None) -> RunConfig:
     return cfg
 
 
-def _mesh_sizes(cfg: RunConfig, process_count: int) -> tuple[int, tuple[int, int, int]]:
+def _mesh_sizes(cfg: RunConfig, process_count: int, num_devices: int | None = None,
+                allow_subset: bool | None = None) -> tuple[int, tuple[int, int, int]]:
     m = cfg.mesh
+    allow_subset = process_count == 1 if allow_subset is None else allow_subset
     try:
-        sizes = parallel.resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count(),
-                                            allow_subset=process_count == 1)
+        sizes = parallel.resolve_mesh_shape(m.data, m.fsdp, m.tensor,
+                                            jax.device_count() if num_devices is None else num_devices,
+                                            allow_subset=allow_subset)
     except ValueError as e:
         raise RunError(f"config.mesh: {e}") from None
     return sizes[0] * sizes[1], sizes
+
+
+def make_run_mesh(cfg: RunConfig, devices=None, *, allow_subset: bool | None = None):
+    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh`` over ``devices`` (default: every
+    device; a fully specified smaller mesh uses the first ones in a single-process run)."""
+    pcount = jax.process_count()
+    allow_subset = pcount == 1 if allow_subset is None else allow_subset
+    devs = None if devices is None else list(devices)
+    _, sizes = _mesh_sizes(cfg, pcount, None if devs is None else len(devs), allow_subset)
+    return parallel.make_mesh(*sizes, devices=devs, allow_subset=allow_subset)
 
 
 def _runtime(cfg: RunConfig) -> dict[str, Any]:
@@ -289,6 +302,67 @@ def _check_unsharded(cfg: RunConfig, abstract_params, shardings, mesh) -> None:
                        f"(a logical axis without a sharding rule?)")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """What a run derives from its config, mesh and networks alone (no files, no parameters):
+    the step spec (optimizers, trainable masks, schedules) and the shardings of the train state
+    and the frozen teacher. The trainer (:func:`build_run`) and deviceless compilation
+    (:func:`anyflow_jax.parallel.aot.abstract_run`) both build it with :func:`derive_layout`."""
+    mesh: Any
+    spec: steps.StepSpec
+    state_shardings: TrainState
+    teacher_shardings: Any
+    replicated: Any
+
+    def fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def derive_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
+    """The step spec and shardings of ``cfg``'s stage for ``nets`` on ``mesh`` (fails when the
+    parameters would mostly be replicated, see :func:`_check_unsharded`)."""
+    record, student, teacher = cfg.record, nets.student, nets.teacher
+    rules = parallel.DEFAULT_RULES
+    abstract_params = _unboxed_abstract(student)
+    mask = optim.trainable_mask(abstract_params, list(cfg.optim.trainable_patterns))
+    tx = optim.make_optimizer(**cfg.optim.optimizer_kwargs(), mask=mask)
+    critic_tx = critic_mask = None
+    if record.has_critic:
+        critic_mask = optim.trainable_mask(_unboxed_abstract(teacher), list(cfg.critic_optim.trainable_patterns))
+        critic_tx = optim.make_optimizer(**cfg.critic_optim.optimizer_kwargs(), mask=critic_mask)
+    spec = steps.StepSpec(
+        stage=record, student=student, teacher=teacher, loss_options=cfg.loss,
+        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
+        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
+        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
+        critic_update_ratio=cfg.train.critic_update_ratio)
+
+    rep = parallel.replicated(mesh)
+    p_sh = parallel.param_shardings(student.abstract_params(), mesh, rules)
+    _check_unsharded(cfg, abstract_params, p_sh, mesh)
+    t_sh = parallel.param_shardings(teacher.abstract_params(), mesh, rules) if teacher is not None else None
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    abstract_copt = jax.eval_shape(critic_tx.init, _unboxed_abstract(teacher)) if critic_tx is not None else None
+    state_sh = TrainState(
+        step=rep, rng=rep, params=p_sh, ema_params=p_sh, opt_state=opt_state_shardings(abstract_opt, p_sh, mesh),
+        critic_params=t_sh if record.has_critic else None,
+        critic_opt_state=opt_state_shardings(abstract_copt, t_sh, mesh) if abstract_copt is not None else None)
+    return RunLayout(mesh=mesh, spec=spec, state_shardings=state_sh, teacher_shardings=t_sh, replicated=rep)
+
+
+def abstract_networks(cfg: RunConfig, notes: Sequence[str] = ()) -> Networks:
+    """The stage's networks as the config describes them, with no parameters and nothing read:
+    the student (a flow map when the stage trains one, as :func:`build_networks` makes it from a
+    teacher) and the teacher/critic architecture when the stage needs one."""
+    base = WanTransformer3D.from_config(_architecture(cfg), **_runtime(cfg))
+    record, student = cfg.record, base
+    if record.student_is_flow_map and not base.flow_map:
+        student = base.clone(flow_map=True, gate_value=float(cfg.model.get("gate_value", 0.25)),
+                             deltatime_type=cfg.model.get("deltatime_type", "r"))
+    teacher = base.clone(flow_map=False) if (record.needs_teacher or record.has_critic) else None
+    return Networks(student=student, teacher=teacher, notes=list(notes))
+
+
 def build_run(config, workdir: str) -> Run:
     """Phase 1: validate, build the mesh and networks, derive the step spec and shardings."""
     cfg = validate_config(config)
@@ -321,11 +395,9 @@ def _build_run(cfg: RunConfig, config, workdir: str, ckpt: RunCheckpointer) -> R
                    teacher_shardings=None, replicated=None, ckpt=ckpt, writer=writers_lib.NullWriter(),
                    data_iterator=None, negative=None, latest_step=latest)
 
-    _, sizes = _mesh_sizes(cfg, pcount)
-    mesh = parallel.make_mesh(*sizes, allow_subset=pcount == 1)
+    mesh = make_run_mesh(cfg)
     if mesh.devices.size < jax.device_count():
         log.warning("the mesh %s uses %d of %d devices", dict(mesh.shape), mesh.devices.size, jax.device_count())
-    rules = parallel.DEFAULT_RULES
 
     nets = build_networks(cfg, resume_meta=resume_meta, mesh=mesh)
     meta = _run_meta(cfg, config, nets.student)
@@ -337,38 +409,11 @@ def _build_run(cfg: RunConfig, config, workdir: str, ckpt: RunCheckpointer) -> R
     if pid == 0:
         run_files.write_run_file(workdir, meta)
 
-    # optimizers, masks and the step spec
-    abstract_params = _unboxed_abstract(nets.student)
-    mask = optim.trainable_mask(abstract_params, list(cfg.optim.trainable_patterns))
-    tx = optim.make_optimizer(**cfg.optim.optimizer_kwargs(), mask=mask)
-    critic_tx = critic_mask = None
-    if record.has_critic:
-        critic_mask = optim.trainable_mask(_unboxed_abstract(nets.teacher), list(cfg.critic_optim.trainable_patterns))
-        critic_tx = optim.make_optimizer(**cfg.critic_optim.optimizer_kwargs(), mask=critic_mask)
-    spec = steps.StepSpec(
-        stage=record, student=nets.student, teacher=nets.teacher, loss_options=cfg.loss,
-        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
-        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
-        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
-        critic_update_ratio=cfg.train.critic_update_ratio)
-
-    # shardings
-    rep = parallel.replicated(mesh)
-    p_sh = parallel.param_shardings(nets.student.abstract_params(), mesh, rules)
-    _check_unsharded(cfg, abstract_params, p_sh, mesh)
-    t_sh = parallel.param_shardings(nets.teacher.abstract_params(), mesh, rules) if nets.teacher is not None else None
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    abstract_copt = jax.eval_shape(critic_tx.init, _unboxed_abstract(nets.teacher)) if critic_tx is not None else None
-    state_sh = TrainState(
-        step=rep, rng=rep, params=p_sh, ema_params=p_sh, opt_state=opt_state_shardings(abstract_opt, p_sh, mesh),
-        critic_params=t_sh if record.has_critic else None,
-        critic_opt_state=opt_state_shardings(abstract_copt, t_sh, mesh) if abstract_copt is not None else None)
-
+    layout = derive_layout(cfg, mesh, nets)
     _, data_it, neg = build_data(cfg, process_index=pid, process_count=pcount)
     writer = writers_lib.create_writer(workdir, process_index=pid, tensorboard=cfg.train.tensorboard)
-    return Run(cfg=cfg, record=record, workdir=workdir, mesh=mesh, nets=nets, spec=spec, state_shardings=state_sh,
-               teacher_shardings=t_sh, replicated=rep, ckpt=ckpt, writer=writer, data_iterator=data_it,
-               negative=jax.device_put(jnp.asarray(neg), rep), latest_step=latest)
+    return Run(cfg=cfg, record=record, workdir=workdir, nets=nets, **layout.fields(), ckpt=ckpt, writer=writer,
+               data_iterator=data_it, negative=jax.device_put(jnp.asarray(neg), layout.replicated), latest_step=latest)
 
 
 def abstract_state(run: Run) -> TrainState:
