@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from model_testlib import perturbed
 from anyflow_jax import checkpoint
 from anyflow_jax.interop import reference
 from anyflow_jax.interop.diffusers import CheckpointError, load_transformer, param_table, save_transformer
@@ -34,10 +35,7 @@ def _inputs(b=2, f=3, h=4, w=6, seed=0):
 def _random_params(model, seed=0):
     """Random params with every tensor non-trivial (the default init zeroes biases and the head)."""
     params = model.init_params(jax.random.key(seed))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return perturbed(params, seed + 1, 0.1)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model_testlib import perturbed
 from anyflow_jax.models import attention
 from anyflow_jax.models.wan import ConditionEmbedder, WanTransformer3D
 
@@ -16,10 +17,7 @@ CFG = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_chan
 
 
 def _perturb(params, seed=0, scale=0.1):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+    return perturbed(params, seed, scale)
 
 
 def _inputs(b=2, f=3, h=4, w=6, seed=0):
@@ -118,14 +116,15 @@ def test_xla_attention_supports_forward_mode_ad():
     params = _perturb(model.init_params(jax.random.key(0)))
     x, t, ctx = _inputs()
     r = t * 0.5
-    f = lambda tt: model.apply({"params": params}, x, tt, r, ctx)  # noqa: E731
+    # jitted: one program each instead of eager op-by-op dispatch (same values, faster test)
+    f = jax.jit(lambda tt: model.apply({"params": params}, x, tt, r, ctx))
     tangent = jnp.asarray(np.random.RandomState(1).rand(*t.shape), jnp.float32)
-    _, jvp = jax.jvp(f, (t,), (tangent,))
+    jvp = jax.jit(lambda tt, v: jax.jvp(f, (tt,), (v,))[1])(t, tangent)
     # <w, J v> must equal <J^T w, v> (reverse mode)
     w = jnp.asarray(np.random.RandomState(2).randn(*x.shape), jnp.float32)
-    _, vjp = jax.vjp(f, t)
+    vjp = jax.jit(lambda tt, ww: jax.vjp(f, tt)[1](ww)[0])(t, w)
     lhs = float(jnp.vdot(w, jvp))
-    rhs = float(jnp.vdot(vjp(w)[0], tangent))
+    rhs = float(jnp.vdot(vjp, tangent))
     assert abs(lhs) > 1.0
     np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
     # and a small finite difference agrees to its own accuracy
@@ -143,8 +142,8 @@ def test_remat_policies_keep_values_and_gradients(policy):
     def loss(model, p):
         return jnp.mean(model.apply({"params": p}, x, t, t * 0.5, ctx) ** 2)
 
-    v0, g0 = jax.value_and_grad(lambda p: loss(base, p))(params)
-    v1, g1 = jax.value_and_grad(lambda p: loss(base.clone(remat_policy=policy), p))(params)
+    v0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(base, p)))(params)
+    v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(base.clone(remat_policy=policy), p)))(params)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), g1, g0)
 

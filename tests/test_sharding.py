@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from model_testlib import perturbed
 from anyflow_jax import parallel
 from anyflow_jax.models.wan import WanTransformer3D
 
@@ -36,10 +37,7 @@ def test_logical_to_spec_rules():
 @pytest.mark.parametrize("scan", [True, False])
 def test_sharded_forward_equals_single_device(scan):
     model = WanTransformer3D(**CFG, scan_layers=scan)
-    params = model.init_params(jax.random.key(0))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(treedef, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    params = perturbed(model.init_params(jax.random.key(0)), 1, 0.1)
     rng = np.random.RandomState(0)
     x = rng.randn(4, 3, 4, 6, 4).astype(np.float32)
     t = rng.rand(4, 3).astype(np.float32)

@@ -292,7 +292,8 @@ class UMT5Encoder(nn.Module):
 
     def init_params(self, rng: jax.Array, boxed: bool = False):
         """Random parameters (only for tests and shapes; real weights come from a checkpoint)."""
-        params = self.init(rng, *self.dummy_inputs())["params"]
+        # one compiled program (eager init dispatches every op of a forward pass one by one)
+        params = jax.jit(lambda k: self.init(k, *self.dummy_inputs())["params"])(rng)
         return params if boxed else nn.meta.unbox(params)
 
     def abstract_params(self):

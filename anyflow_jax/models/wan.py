@@ -455,8 +455,8 @@ class WanTransformer3D(nn.Module):
 
     def init_params(self, rng: jax.Array, boxed: bool = False):
         """Random parameters (Wan-style init: xavier linears, zero biases and zero output head)."""
-        variables = self.init(rng, *self.dummy_inputs())
-        params = variables["params"]
+        # one compiled program (eager init dispatches every op of a forward pass one by one)
+        params = jax.jit(lambda k: self.init(k, *self.dummy_inputs())["params"])(rng)
         return params if boxed else nn.meta.unbox(params)
 
     def abstract_params(self):
