@@ -31,6 +31,7 @@ import numpy as np
 from anyflow_jax import stages as stage_registry
 from anyflow_jax.checkpoints import runs as run_files
 from anyflow_jax.errors import RunError
+from anyflow_jax.flow import sampling as flow_sampling
 from anyflow_jax.models.wan import WanTransformer3D, make_apply_fn
 
 KINDS = tuple(stage_registry.SAMPLERS)
@@ -172,6 +173,8 @@ class Generator:
         self._apply = make_apply_fn(self.model)
         self._sampler = stage_registry.get_sampler(self.kind)
         self._fns: dict = {}
+        self._programs: dict = {}
+        self.traces = 0  # how often the any-step sampler was traced (each trace is a compile)
 
     def video_shape(self) -> tuple[int, int, int, int]:
         shape = self.conditioning.video_shape()
@@ -180,6 +183,8 @@ class Generator:
         return shape
 
     def _fn(self, steps: int, guidance: float):
+        """The sampler for a static step count ``steps``: ``fn(params, noise, context, neg, keys)``
+        (one program per step count; :meth:`sample` uses :meth:`_program` instead)."""
         key = (steps, guidance)
         if key not in self._fns:
             run, apply, shift = self._sampler.run, self._apply, self.shift
@@ -190,13 +195,32 @@ class Generator:
             self._fns[key] = jax.jit(fn)
         return self._fns[key]
 
+    def _program(self, guidance: float):
+        """The any-step sampler: ``fn(params, noise, context, neg, keys, grid, steps)`` with the step
+        count ``steps`` and the padded grid (:func:`sampling.padded_step_grid`) as data, so one
+        program serves every step count up to the grid's capacity."""
+        if guidance not in self._programs:
+            run, apply, shift = self._sampler.run, self._apply, self.shift
+
+            def fn(params, noise, context, neg, keys, grid, steps):
+                self.traces += 1
+                return run(apply, params, noise, context, num_steps=steps, shift=shift, guidance=guidance,
+                           neg_context=neg, keys=keys, grid=grid)
+            self._programs[guidance] = jax.jit(fn)
+        return self._programs[guidance]
+
     def sample(self, noise, context, steps: int, *, guidance: float | None = None, neg_context=None,
-               keys: jax.Array | None = None) -> jax.Array:
+               keys: jax.Array | None = None, capacity: int | None = None) -> jax.Array:
         """Generate from ``noise`` (B, F, H, W, C) with ``steps`` model evaluations per sample
         (times 2 with CFG). ``keys`` (B,) feed a stochastic sampler (default: :func:`sample_keys`
-        of seed 0 and indices 0..B-1)."""
+        of seed 0 and indices 0..B-1). Every step count up to ``capacity`` (default
+        :func:`sampling.grid_capacity` of ``steps``: 1..32 steps share one program) runs the same
+        compiled program; pass the largest step count's capacity when sampling several."""
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        cap = flow_sampling.grid_capacity(steps) if capacity is None else int(capacity)
+        if cap < steps:
+            raise ValueError(f"capacity {cap} is below the step count {steps}")
         g = self._sampler.default_guidance if guidance is None else float(guidance)
         if g < 1.0:
             raise ValueError(f"guidance must be >= 1, got {g}")
@@ -208,7 +232,8 @@ class Generator:
             neg_context = jnp.broadcast_to(jnp.asarray(neg_context), (noise.shape[0],) + tuple(neg_context.shape[1:]))
         if keys is None:
             keys = sample_keys(0, np.arange(noise.shape[0]))
-        return self._fn(int(steps), g)(self.params, noise, context, neg_context, keys)
+        grid = flow_sampling.padded_step_grid(int(steps), cap, self.shift)
+        return self._program(g)(self.params, noise, context, neg_context, keys, grid, np.int32(steps))
 
 
 def load_generator(path: str, *, kind: str | None = None, use_ema: bool = True,
@@ -252,6 +277,14 @@ def _check_steps_value(s) -> int:
     return int(s)
 
 
+def _capacity(generator, steps_list) -> dict:
+    """``{"capacity": K}`` for a :class:`Generator` (one program for every step count of the list),
+    ``{}`` for other generators (any object with a ``sample`` method)."""
+    if isinstance(generator, Generator):
+        return {"capacity": flow_sampling.grid_capacity(max(steps_list))}
+    return {}
+
+
 def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str, Any], *, num_samples: int = 1,
                   seed: int = 0, guidance: float | None = None, neg_context=None,
                   video_shape: Sequence[int] | None = None, batch_size: int | None = None,
@@ -262,7 +295,8 @@ def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str,
     ``conditions`` maps a name to a context ``(L, D)`` (or ``(1, L, D)``); sample ``i`` of every
     condition and step count starts from :func:`initial_noise` ``(seed, i)`` and, for a
     stochastic sampler, uses :func:`sample_keys` ``(seed, i)``. One ``generator.sample`` call per
-    step count takes all conditions and samples (at most ``batch_size`` per call when given).
+    step count takes all conditions and samples (at most ``batch_size`` per call when given); the
+    step counts share one compiled sampler (the grid capacity of the largest).
     ``guidance`` defaults to the kind's default; guidance > 1 needs ``neg_context`` ``(1, L, D)``.
     ``video_shape`` ``(F, H, W, C)`` defaults to ``generator.video_shape()``.
 
@@ -304,13 +338,15 @@ def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str,
     jobs = [(n, k, i) for k, n in enumerate(names) for i in range(int(num_samples))]
     size = len(jobs) if not batch_size else int(batch_size)
     out: dict[tuple[str, int, int], np.ndarray] = {}
+    capacity = _capacity(generator, steps_list)
     for steps in steps_list:
         for start in range(0, len(jobs), size):
             chunk = jobs[start:start + size]
             idx = np.asarray([i for _, _, i in chunk])
             z = jnp.asarray(noise[idx])
             c = jnp.asarray(np.stack([ctx[k] for _, k, _ in chunk]))
-            x = generator.sample(z, c, steps, guidance=guidance, neg_context=neg_context, keys=keys[idx])
+            x = generator.sample(z, c, steps, guidance=guidance, neg_context=neg_context, keys=keys[idx],
+                                 **capacity)
             x = np.asarray(x, np.float32)
             for (n, _, i), v in zip(chunk, x):
                 out[(n, i, steps)] = vid.to_uint8(v) if output == "uint8" else v

@@ -39,8 +39,9 @@ from anyflow_jax.flow import sampling
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """How a kind of model generates: ``run(apply_fn, params, noise, context, *, num_steps, shift,
-    guidance, neg_context, keys)`` returns the sample at tau = 0. ``keys`` are per-sample PRNG
-    keys (B,), used only by samplers with ``stochastic=True``."""
+    guidance, neg_context, keys, grid=None)`` returns the sample at tau = 0. ``keys`` are per-sample
+    PRNG keys (B,), used only by samplers with ``stochastic=True``; with ``grid`` (a padded step
+    grid, :func:`anyflow_jax.flow.sampling.padded_step_grid`) ``num_steps`` may be traced."""
     name: str
     run: Callable[..., Any]
     default_guidance: float
@@ -50,21 +51,23 @@ class Sampler:
     description: str = ""
 
 
-def _ode(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys):
+def _ode(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
     del keys
     return sampling.ode_sample(apply_fn, params, noise, context, num_steps=num_steps, shift=shift,
-                               guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None)
+                               guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None,
+                               grid=grid)
 
 
-def _flow_map(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys):
+def _flow_map(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
     del keys
     return sampling.sample(apply_fn, params, noise, context, num_steps=num_steps, shift=shift,
-                           guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None)
+                           guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None, grid=grid)
 
 
-def _consistency(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys):
+def _consistency(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
     del guidance, neg_context
-    return sampling.consistency_sample(apply_fn, params, noise, context, key=keys, num_steps=num_steps, shift=shift)
+    return sampling.consistency_sample(apply_fn, params, noise, context, key=keys, num_steps=num_steps, shift=shift,
+                                       grid=grid)
 
 
 SAMPLERS: dict[str, Sampler] = {

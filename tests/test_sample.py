@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import imageio.v3 as iio
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -327,3 +329,26 @@ def test_frame_indices_of_long_videos():
     assert V.frame_indices(4, 8) == [0, 1, 2, 3]
     assert V.frame_indices(81, 5) == [0, 20, 40, 60, 80]
     assert V.frame_indices(10, 1) == [0]
+
+
+def test_every_step_count_runs_one_compiled_sampler():
+    """``sample_videos`` at 1..32 steps traces and compiles the generator's sampler once, and each
+    step count gives the static-step-count sampler's videos."""
+    from anyflow_jax.inference import Generator
+    from anyflow_jax.models.wan import WanTransformer3D
+    from model_testlib import perturbed
+    model = WanTransformer3D(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=8,
+                             freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=16, flow_map=True)
+    gen = Generator(kind="flow_map", stage="flow_map", model=model, params=perturbed(model.init_params(jax.random.key(0))),
+                    path="tiny", data={})
+    conds = {"a": np.linspace(-1, 1, 3 * 8, dtype=np.float32).reshape(3, 8)}
+    steps = [1, 2, 4, 8, 16, 32]
+    out = S.sample_videos(gen, steps, conds, num_samples=2, seed=3, video_shape=(2, 4, 4, 4))
+    assert gen.traces == 1 and gen._program(1.0)._cache_size() == 1
+    noise = jnp.asarray(S.initial_noise(3, np.arange(2), (2, 4, 4, 4)))
+    ctx = jnp.asarray(np.stack([conds["a"]] * 2))
+    for n in (1, 4):
+        want = np.asarray(gen._fn(n, 1.0)(gen.params, noise, ctx, None, S.sample_keys(3, np.arange(2))))
+        for i in range(2):
+            np.testing.assert_allclose(out[("a", i, n)], want[i], rtol=1e-5, atol=1e-6)
+    assert np.abs(out[("a", 0, 1)] - out[("a", 0, 32)]).max() > 1e-3  # the step count is not ignored

@@ -173,3 +173,50 @@ def test_consistency_sampler_key_shape_errors():
         sampling.consistency_sample(_toy, None, noise, key=jax.random.split(jax.random.key(0), (4, 2)))
     with pytest.raises(ValueError, match="key must be a JAX PRNG key"):
         sampling.consistency_sample(_toy, None, noise, key=jnp.zeros((4,), jnp.float32))
+
+
+def test_padded_grid_is_the_static_grid_then_zeros():
+    g = sampling.padded_step_grid(4, 32, 5.0)
+    assert g.shape == (33,) and g.dtype == np.float32
+    np.testing.assert_array_equal(g[:5], np.asarray(sampling.resolve_timesteps(4, None, 5.0)))
+    np.testing.assert_allclose(g[:5], GRID4, rtol=1e-6)
+    assert not g[5:].any()
+    assert [sampling.grid_capacity(n) for n in (1, 32, 33, 64, 65, 200)] == [32, 32, 64, 64, 128, 256]
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, capacity = 32\]"):
+        sampling.padded_step_grid(33, 32)
+
+
+def test_one_program_samples_every_step_count_like_the_static_sampler():
+    """A traced step count over a padded grid: one trace for 1..32 steps (and any sampler), and
+    every sample equal to the compiled static-grid sampler's (to float32 rounding)."""
+    b, f, d = 3, 2, 4
+    noise = jax.random.normal(jax.random.key(20), (b, f, d))
+    ctx = jax.random.normal(jax.random.key(21), (b, d))
+    neg = jax.random.normal(jax.random.key(22), (1, d))
+    ctx_lat = jax.random.normal(jax.random.key(23), (b, 1, d))
+    keys = jax.random.split(jax.random.key(24), b)
+    traces = []
+
+    def any_step(z, grid, n):
+        traces.append(1)
+        return (sampling.sample(_toy, None, z, ctx, num_steps=n, grid=grid, guidance_scale=2.0, neg_context=neg,
+                                context_latents=ctx_lat),
+                sampling.ode_sample(_toy, None, z, ctx, num_steps=n, grid=grid),
+                sampling.consistency_sample(_toy, None, z, ctx, key=keys, num_steps=n, grid=grid))
+    fn = jax.jit(any_step)
+    for n in (1, 2, 4, 7, 32):
+        got = fn(noise, sampling.padded_step_grid(n, 32), np.int32(n))
+        want = jax.jit(lambda z: (  # noqa: B023 - the static sampler, compiled for this n
+            sampling.sample(_toy, None, z, ctx, num_steps=n, guidance_scale=2.0, neg_context=neg,
+                            context_latents=ctx_lat),
+            sampling.ode_sample(_toy, None, z, ctx, num_steps=n),
+            sampling.consistency_sample(_toy, None, z, ctx, key=keys, num_steps=n)))(noise)
+        for g, w in zip(got, want):
+            # same operations; the static program may fold its constant grid (float32 rounding)
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6, err_msg=f"N={n}")
+    assert len(traces) == 1
+    # concrete misuse is named
+    with pytest.raises(ValueError, match="either timesteps or grid"):
+        sampling.sample(_toy, None, noise, grid=sampling.padded_step_grid(2, 32), timesteps=[1.0, 0.0])
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 32\]"):
+        sampling.sample(_toy, None, noise, num_steps=33, grid=sampling.padded_step_grid(2, 32))

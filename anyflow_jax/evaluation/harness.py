@@ -164,9 +164,10 @@ def _check_checkpoint(label: str, path: str, kind: str | None = None) -> None:
         raise EvalError(f"{label}: {full} is a {found} checkpoint (stage {stage}), not {kind}")
 
 
-def _generate(gen, noise, labels, table, neg, steps, guidance, *, seed, chunk_size, progress=None):
+def _generate(gen, noise, labels, table, neg, steps, guidance, *, seed, chunk_size, progress=None, capacity=None):
     """Videos from ``gen`` for every row of ``noise``, in chunks of ``chunk_size`` (the last chunk is
-    padded to the same shape, so each step count compiles once)."""
+    padded to the same shape, so the sampler compiles once for every step count up to
+    ``capacity``)."""
     import jax.numpy as jnp
 
     from anyflow_jax.inference import sample_keys
@@ -179,7 +180,7 @@ def _generate(gen, noise, labels, table, neg, steps, guidance, *, seed, chunk_si
         idx = np.concatenate([idx, np.repeat(idx[-1:], size - k)])  # pad: one compiled shape
         z, c = noise[idx], table[labels[idx]]
         x = gen.sample(jnp.asarray(z), jnp.asarray(c), int(steps), guidance=guidance, neg_context=jnp.asarray(neg),
-                       keys=sample_keys(seed, idx))
+                       keys=sample_keys(seed, idx), capacity=capacity)
         outs.append(np.asarray(x, np.float32)[:k])
         if progress is not None:
             progress.update(1)
@@ -357,12 +358,14 @@ def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_s
     metrics = {m: {name: {} for name in gens} for m in METRICS}
     gen_seconds: dict[str, dict[str, float]] = {name: {} for name in gens}
     nonfinite: dict[str, dict[str, int]] = {}
+    from anyflow_jax.flow.sampling import grid_capacity
     for name, g in gens.items():
         guidance = default_guidance(g.kind)
         for n in steps:
             bar.set_postfix_str(f"{name} {cli.plural(n, 'step')}")
             t1 = time.perf_counter()
-            x = _generate(g, noise, labels, table, neg, n, guidance, seed=seed, chunk_size=chunk_size, progress=bar)
+            x = _generate(g, noise, labels, table, neg, n, guidance, seed=seed, chunk_size=chunk_size, progress=bar,
+                          capacity=grid_capacity(max(steps)))
             gen_seconds[name][str(n)] = time.perf_counter() - t1
             bad = int(np.sum(~np.all(np.isfinite(x.reshape(num_samples, -1)), axis=1)))
             if bad:

@@ -2,8 +2,10 @@
 
 All take an apply function ``apply_fn(params, z, t, r, context) -> u`` (the losses' convention,
 times (B, F) in tau, 1 = noise), parameters, the initial noise ``(B, F, ...)`` (the state at
-tau = 1) and return the sample at tau = 0. The steps run as one ``jax.lax.scan`` (the model is
-traced once, whatever the step count). API: docs/losses.md; deviations: docs/deviations.md.
+tau = 1) and return the sample at tau = 0. The steps run as one loop (the model is traced once,
+whatever the step count): a ``jax.lax.scan`` over a static grid, or, with a padded ``grid``
+array (:func:`padded_step_grid`), a loop whose step count is a traced value, so one compiled
+program serves every step count up to the grid's capacity. API: docs/losses.md; deviations: docs/deviations.md.
 """
 from __future__ import annotations
 
@@ -16,7 +18,32 @@ import numpy as np
 from anyflow_jax.flow import schedule
 from anyflow_jax.flow import apply as C
 
-__all__ = ["sample", "ode_sample", "consistency_sample", "resolve_timesteps"]
+__all__ = ["sample", "ode_sample", "consistency_sample", "resolve_timesteps", "padded_step_grid", "grid_capacity"]
+
+# The smallest grid capacity of :func:`grid_capacity`: every step count up to 32 shares a program.
+MIN_GRID_CAPACITY = 32
+
+
+def grid_capacity(num_steps: int) -> int:
+    """The grid capacity ``K`` one compiled sampler serves ``num_steps`` with: the next power of two
+    at or above it, at least :data:`MIN_GRID_CAPACITY` (1..32 steps -> 32, 33..64 -> 64, ...)."""
+    n = int(num_steps)
+    if n < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
+    return max(MIN_GRID_CAPACITY, 1 << (n - 1).bit_length())
+
+
+def padded_step_grid(num_steps: int, capacity: int, shift: float = schedule.DEFAULT_SHIFT) -> np.ndarray:
+    """The ``num_steps``-step grid of :func:`schedule.step_grid` (the same float32 values) followed
+    by zeros up to length ``capacity + 1``: the ``grid`` argument of the samplers, which then run
+    ``num_steps`` (a traced integer allowed) steps of it, so one compiled program serves every step
+    count up to ``capacity``."""
+    n, k = int(num_steps), int(capacity)
+    if not 1 <= n <= k:
+        raise ValueError(f"num_steps must be in [1, capacity = {k}], got {num_steps!r}")
+    out = np.zeros(k + 1, np.float32)
+    out[:n + 1] = np.asarray(schedule.step_grid(n, shift), np.float32)
+    return out
 
 
 def resolve_timesteps(num_steps: Optional[int], timesteps: Optional[Sequence[float]], shift: float) -> jax.Array:
@@ -69,11 +96,43 @@ def _check_context_latents(context_latents, noise):
     return cl.astype(noise.dtype), cl.shape[1]
 
 
+def _check_grid(grid, num_steps, timesteps):
+    """``(grid, count)`` of the traced-step-count path (see :func:`padded_step_grid`)."""
+    if timesteps is not None:
+        raise ValueError("give either timesteps or grid, not both")
+    grid = jnp.asarray(grid, jnp.float32)
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f"grid must be a 1-D array of at least 2 times (capacity + 1), got shape {grid.shape}")
+    if schedule.is_concrete(num_steps):
+        n = np.asarray(num_steps)
+        if n.shape != () or n.dtype.kind not in "iu" or not 1 <= int(n) <= grid.shape[0] - 1:
+            raise ValueError(f"num_steps must be an integer in [1, {grid.shape[0] - 1}] (the grid's capacity), "
+                             f"got {num_steps!r}")
+    return grid, jnp.asarray(num_steps, jnp.int32)
+
+
+def _loop(body, init, grid, count, xs_extra=None):
+    """``body(carry, (t_i, t_{i+1}[, extra_i]))`` over the grid's intervals: a ``lax.scan`` over the
+    whole grid (``count`` None: a static step count), or a ``fori_loop`` over its first ``count``
+    intervals (a traced step count: one program for every count up to the grid's capacity)."""
+    if count is None:
+        xs = (grid[:-1], grid[1:]) + ((xs_extra,) if xs_extra is not None else ())
+        return jax.lax.scan(lambda z, x: (body(z, x), None), init, xs)[0]
+
+    def step(i, z):
+        x = (grid[i], grid[i + 1]) + ((i.astype(jnp.uint32),) if xs_extra is not None else ())
+        return body(z, x)
+    return jax.lax.fori_loop(0, count, step, init)
+
+
 def _run(apply_fn, params, noise, context, *, num_steps, shift, guidance_scale, neg_context, context_latents,
-         timesteps, use_mean_velocity: bool):
+         timesteps, use_mean_velocity: bool, grid=None):
     noise = C.check_latents(noise, "noise")
     b, f = noise.shape[:2]
-    grid = resolve_timesteps(num_steps, timesteps, shift)
+    if grid is None:
+        grid, count = resolve_timesteps(num_steps, timesteps, shift), None
+    else:
+        grid, count = _check_grid(grid, num_steps, timesteps)
     model = _guided_model(apply_fn, params, context, neg_context, guidance_scale, b)
     ctx_lat, fc = _check_context_latents(context_latents, noise)
 
@@ -89,11 +148,11 @@ def _run(apply_fn, params, noise, context, *, num_steps, shift, guidance_scale, 
             tt = tt.at[:, :fc].set(0.0)
             rr = rr.at[:, :fc].set(0.0)
         u = model(z, tt, rr if use_mean_velocity else tt)
-        return schedule.flow_map_step(z, u, tt, rr), None
+        return schedule.flow_map_step(z, u, tt, rr)
 
     # Deviation from the reference: the reference skips an interval with t == r (`continue`);
-    # the scan evaluates it, and the step moves z by 0 * u (identical for finite u).
-    z, _ = jax.lax.scan(body, noise, (grid[:-1], grid[1:]))
+    # the loop evaluates it, and the step moves z by 0 * u (identical for finite u).
+    z = _loop(body, noise, grid, count)
     if fc:
         z = z.at[:, :fc].set(ctx_lat)
     return z
@@ -111,6 +170,7 @@ def sample(
     neg_context: Any = None,
     context_latents: Optional[jax.Array] = None,
     timesteps: Optional[Sequence[float]] = None,
+    grid: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Any-step flow-map sampler: N jumps ``z <- z - (t_i - t_{i+1}) u(z, t_i, t_{i+1})``.
 
@@ -118,9 +178,14 @@ def sample(
     ``guidance_scale`` g > 1: ``u = u(neg) + g (u(c) - u(neg))`` (the AnyFlow student fuses CFG,
     so its default is 1). ``context_latents`` (B, Fc, ...) are held clean as the first Fc frames
     with t = r = 0.
+
+    ``grid`` (``(K + 1,)``, may be traced; :func:`padded_step_grid`) replaces the grid: the first
+    ``num_steps`` intervals of it are run, and ``num_steps`` may then be a traced integer <= K, so
+    one compiled program serves every step count up to K (same values as the static path).
     """
     return _run(apply_fn, params, noise, context, num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
-                neg_context=neg_context, context_latents=context_latents, timesteps=timesteps, use_mean_velocity=True)
+                neg_context=neg_context, context_latents=context_latents, timesteps=timesteps, use_mean_velocity=True,
+                grid=grid)
 
 
 def ode_sample(
@@ -135,13 +200,16 @@ def ode_sample(
     neg_context: Any = None,
     context_latents: Optional[jax.Array] = None,
     timesteps: Optional[Sequence[float]] = None,
+    grid: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Teacher ODE sampler (Euler): the model is called with r = t (instantaneous velocity), and
     the state steps ``z <- z - (t_i - t_{i+1}) v(z, t_i)`` on the same grid as :func:`sample`
     (the reference pipeline with ``use_mean_velocity=False``). Many steps give reference solutions.
+    ``grid``: a traced step count, as in :func:`sample`.
     """
     return _run(apply_fn, params, noise, context, num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
-                neg_context=neg_context, context_latents=context_latents, timesteps=timesteps, use_mean_velocity=False)
+                neg_context=neg_context, context_latents=context_latents, timesteps=timesteps, use_mean_velocity=False,
+                grid=grid)
 
 
 def _per_sample_keys(key, batch_size: int) -> jax.Array:
@@ -177,6 +245,7 @@ def consistency_sample(
     num_steps: int = 4,
     shift: float = schedule.DEFAULT_SHIFT,
     timesteps: Optional[Sequence[float]] = None,
+    grid: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Multistep consistency sampler: predict x0 = z - t u(z, t, 0), re-noise it to the next grid
     time with fresh noise, repeat; the last step returns the x0 prediction.
@@ -185,13 +254,16 @@ def consistency_sample(
     then depends only on its noise, context and key, not on the rest of the batch or its position
     in it), or a single key, which is split into B per-sample keys (a convenience whose result for
     a sample depends on its position in the batch). At step i a sample re-noises with
-    ``jax.random.fold_in(sample_key, i)``.
+    ``jax.random.fold_in(sample_key, i)``. ``grid``: a traced step count, as in :func:`sample`.
     """
     noise = C.check_latents(noise, "noise")
     b, f = noise.shape[:2]
     if context is not None:
         C.check_context(context, b, "context")
-    grid = resolve_timesteps(num_steps, timesteps, shift)
+    if grid is None:
+        grid, count = resolve_timesteps(num_steps, timesteps, shift), None
+    else:
+        grid, count = _check_grid(grid, num_steps, timesteps)
     keys = _per_sample_keys(key, b)
 
     def draw(k, step, like):
@@ -205,8 +277,6 @@ def consistency_sample(
         x0 = schedule.flow_map_step(z, C.call_model(apply_fn, params, z, tt, zero, context), tt, zero)
         eps = jax.vmap(draw, in_axes=(0, None, None))(keys, step, x0)
         # At the last step t_next = 0, so this returns x0 itself.
-        return schedule.add_noise(x0, eps, jnp.full((b, f), t_next, jnp.float32)), None
+        return schedule.add_noise(x0, eps, jnp.full((b, f), t_next, jnp.float32))
 
-    steps = jnp.arange(grid.shape[0] - 1, dtype=jnp.uint32)
-    z, _ = jax.lax.scan(body, noise, (grid[:-1], grid[1:], steps))
-    return z
+    return _loop(body, noise, grid, count, xs_extra=jnp.arange(grid.shape[0] - 1, dtype=jnp.uint32))
