@@ -98,6 +98,24 @@ DATA_SOURCES = ("moving_digits", "array_record")
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Periodic evaluators in the training loop (``anyflow_jax/training/evaluators.py``)."""
+    every: int = 0  # evaluate every N steps and at the last step; 0: never
+    steps: tuple = (1, 4, 32)  # sampler step counts (one compiled program for all of them)
+    conditions: tuple = ()  # condition names (toy: class0..class9); empty: all of the run's
+    contexts: str = ""  # .npz of named (L, D) text embeddings, for runs without named conditions
+    num_samples: int = 1  # videos per condition
+    seed: int = 0  # noise and sampler keys (the same at every evaluation)
+    guidance: float = 0.0  # 0: the sampler's default (teacher 3, flow map and consistency 1)
+    videos: bool = True  # write an mp4 per video besides samples.npz and the contact sheet
+    metrics: bool = False  # moving digits: FD, accuracy and ODE distance at every step count
+    metrics_samples: int = 64
+    reference_steps: int = 32  # teacher ODE steps of the ODE-distance reference
+    classifier_dir: str = ""  # the metrics' classifier (trained once there); default <workdir>/eval/classifier
+    classifier_steps: int = 1500
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     stage: str
     seed: int = 0
@@ -111,6 +129,7 @@ class RunConfig:
     critic_loss: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
 
     @property
     def record(self) -> stage_registry.Stage:
@@ -118,7 +137,7 @@ class RunConfig:
 
 
 _SECTIONS = {"init": InitConfig, "mesh": MeshConfig, "train": TrainConfig, "ema": EmaConfig, "optim": OptimConfig,
-             "critic_optim": OptimConfig, "data": DataConfig}
+             "critic_optim": OptimConfig, "data": DataConfig, "eval": EvalConfig}
 _FREE = ("loss", "critic_loss", "model")  # checked by the objective / the model
 
 
@@ -127,7 +146,8 @@ def _section_dict(cls) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(cls):
         v = f.default
-        out[f.name] = list(v) if isinstance(v, tuple) else v
+        # eval's sequences stay tuples, so the command line can set them: --config.eval.steps='(1, 4)'
+        out[f.name] = list(v) if isinstance(v, tuple) and cls is not EvalConfig else v
     return out
 
 
@@ -284,6 +304,18 @@ def _check_values(c: RunConfig) -> None:
             raise RunError(f"config.{name}.warmup_steps must be >= 0, got {o.warmup_steps}")
     if not 0.0 <= c.ema.decay <= 1.0:
         raise RunError(f"config.ema.decay must be in [0, 1], got {c.ema.decay}")
+    e = c.eval
+    if e.every < 0:
+        raise RunError(f"config.eval.every must be >= 0 (0: no periodic evaluation), got {e.every}")
+    if not e.steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in e.steps):
+        raise RunError(f"config.eval.steps must be positive integers, got {list(e.steps)}")
+    for field in ("num_samples", "metrics_samples", "reference_steps", "classifier_steps"):
+        if getattr(e, field) < 1:
+            raise RunError(f"config.eval.{field} must be >= 1, got {getattr(e, field)}")
+    if e.guidance != 0.0 and e.guidance < 1.0:
+        raise RunError(f"config.eval.guidance must be >= 1 (0: the sampler's default), got {e.guidance}")
+    if e.every and e.metrics and c.data.source != "moving_digits":
+        raise RunError("config.eval.metrics needs moving-digits data (its classifier is trained on those videos)")
     if c.data.source not in DATA_SOURCES:
         raise RunError(f"config.data.source={c.data.source!r}: expected one of {DATA_SOURCES}")
     if not record.random_init and not c.init.student:
@@ -293,5 +325,5 @@ def _check_values(c: RunConfig) -> None:
         raise RunError(f"config.init.teacher is empty: stage {record.name!r} needs a frozen teacher checkpoint")
 
 
-__all__ = ["RunConfig", "InitConfig", "MeshConfig", "TrainConfig", "EmaConfig", "OptimConfig", "DataConfig",
+__all__ = ["RunConfig", "InitConfig", "MeshConfig", "TrainConfig", "EmaConfig", "OptimConfig", "DataConfig", "EvalConfig",
            "default_config", "parse", "set_field", "unknown_field_message", "DATA_SOURCES"]

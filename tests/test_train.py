@@ -88,28 +88,33 @@ def _cli(workdir, steps, extra=()):
     return train_cli(workdir, steps, "--config.train.checkpoint_every=3", *extra)
 
 
+# periodic evaluators in the resume tests: the same samples at the same steps after a restart
+EVAL_FLAGS = ("--config.eval.every=5", "--config.eval.steps=(1, 2)", "--config.eval.conditions=('class0', 'class5')",
+              "--config.eval.videos=False")
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
     ref, killed, termed = (str(tmp_path / n) for n in ("ref", "killed", "termed"))
     total = 20
-    p = _cli(ref, total)
+    p = _cli(ref, total, EVAL_FLAGS)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out
     assert "process 0/1: finished at step 20" in out
 
     # SIGKILL right after the step-3 checkpoint is committed, then resume.
-    p = _cli(killed, total)
+    p = _cli(killed, total, EVAL_FLAGS)
     wait_for(lambda: os.path.isdir(os.path.join(killed, "checkpoints", "3")), p)
     p.send_signal(signal.SIGKILL)
     p.wait()
     latest = RunCheckpointer(killed, read_only=True).latest_step()
     assert latest is not None and latest < total
-    p = _cli(killed, total)
+    p = _cli(killed, total, EVAL_FLAGS)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out
 
     # SIGTERM mid-run: the process saves the current step and exits cleanly; then resume.
-    p = _cli(termed, total)
+    p = _cli(termed, total, EVAL_FLAGS)
     wait_for(lambda: len(logged_steps(termed)) >= 2, p)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=120)[0]
@@ -117,13 +122,20 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
     stopped = RunCheckpointer(termed, read_only=True).latest_step()
     assert 2 <= stopped < total, stopped
     assert "stopped by SIGTERM" in out
-    p = _cli(termed, total)
+    p = _cli(termed, total, EVAL_FLAGS)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out
 
     for wd in (killed, termed):
         for item in ("params", "opt_state", "ema_params", "meta"):
             assert_trees_equal(restore_item(ref, total, item), restore_item(wd, total, item))
+        # evaluations on the same schedule, bit-identical samples at every evaluated step
+        assert sorted(os.listdir(os.path.join(wd, "eval"))) == [f"step_{k:08d}" for k in (5, 10, 15, 20)]
+        for k in (5, 10, 15, 20):
+            with np.load(os.path.join(ref, "eval", f"step_{k:08d}", "samples.npz")) as a, \
+                    np.load(os.path.join(wd, "eval", f"step_{k:08d}", "samples.npz")) as b:
+                for key in ("steps1", "steps2"):
+                    np.testing.assert_array_equal(a[key], b[key], err_msg=f"{wd} step {k} {key}")
 
 
 # ------------------------------------------------------------------------------ meshes

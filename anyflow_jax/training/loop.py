@@ -40,6 +40,7 @@ from anyflow_jax.config import RunConfig
 from anyflow_jax.errors import Preempted, RunError
 from anyflow_jax.models.wan import WanTransformer3D, make_flow_map_student
 from anyflow_jax.stages import Stage
+from anyflow_jax.training import evaluators as evaluators_lib
 from anyflow_jax.training import optim, steps
 from anyflow_jax.training import writers as writers_lib
 from anyflow_jax.training.run_checkpoints import RunCheckpointer
@@ -524,9 +525,11 @@ class StopSignals:
 
 
 def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first_batch,
-             signals: StopSignals | None = None) -> dict[str, float]:
+             signals: StopSignals | None = None, evaluators=None) -> dict[str, float]:
     """Phase 4: train to ``train.steps``; returns the last logged metrics. A stop signal saves the
-    current step and raises :class:`~anyflow_jax.errors.Preempted`."""
+    current step and raises :class:`~anyflow_jax.errors.Preempted`. ``evaluators``
+    (:func:`anyflow_jax.training.evaluators.build`) run after each due step; their scalars are
+    logged at that step."""
     cfg = run.cfg
     total, log_every, ckpt_every = cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every
     ratio = cfg.train.critic_update_ratio
@@ -553,6 +556,7 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
     sig = signals or StopSignals()
     if sig.received:  # stopped while compiling: nothing new to save
         raise Preempted(step, sig.received, run.workdir)
+    t_evaluated = time.perf_counter()
     with jax.set_mesh(run.mesh):
         while step < total:
             t_step = time.perf_counter()
@@ -572,16 +576,25 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
             unchecked = (step, loss_key, out[loss_key])
             stop = sig.received  # read once: a signal arriving later in this step is handled at the next
             must_save = step % ckpt_every == 0 or step == total or bool(stop)
-            if step % log_every == 0 or step == total or must_save:
-                check(unchecked)  # never log or save a non-finite step
+            evaluate = evaluators is not None and evaluators.due(step) and not stop
+            if step % log_every == 0 or step == total or must_save or evaluate:
+                check(unchecked)  # never log, save or evaluate a non-finite step
                 unchecked = None
             progress(step)
+            step_time = time.perf_counter() - t_step
+            evaluated: dict[str, float] = {}
+            if evaluate:
+                evaluated = evaluators(step, state, time.perf_counter() - t_evaluated)
+                t_evaluated = time.perf_counter()
             if step % log_every == 0 or step == total:
                 scalars = {k: float(host_value(v)) for k, v in out.items() if np.ndim(v) == 0}
-                scalars["step_time_sec"] = time.perf_counter() - t_step
+                scalars["step_time_sec"] = step_time
                 scalars.update(progress.summary(step))
+                scalars.update(evaluated)
                 run.writer.write_scalars(step, scalars)
                 last = dict(scalars, step=step)
+            elif evaluated:
+                run.writer.write_scalars(step, evaluated)
             if must_save:
                 run.ckpt.save(state, run.data_iterator)
                 if not stop:
@@ -629,7 +642,9 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> dict[s
                 _write_parameter_table(run, state)
             probe = run.next_batch()
             compiled = compile_steps(run, state, frozen, probe)
-            return run_loop(run, state, compiled, frozen, probe, signals)
+            with jax.set_mesh(run.mesh):
+                evaluators = evaluators_lib.build(run, run.writer, frozen=frozen)
+            return run_loop(run, state, compiled, frozen, probe, signals, evaluators)
     finally:
         run.close()
 

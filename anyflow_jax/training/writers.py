@@ -56,6 +56,9 @@ class NullWriter:
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         pass
 
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """``images``: name -> uint8 ``(N, H, W, C)`` array, C 1 or 3 (CLU's convention)."""
+
     def flush(self) -> None:
         pass
 
@@ -167,6 +170,11 @@ class MultiWriter(NullWriter):
             if hasattr(w, "write_texts"):
                 w.write_texts(step, texts)
 
+    def write_images(self, step, images):
+        for w in self.writers:
+            if hasattr(w, "write_images"):
+                w.write_images(step, images)
+
     def flush(self):
         for w in self.writers:
             w.flush()
@@ -230,6 +238,11 @@ class TensorBoardWriter(NullWriter):
         writer = self._get()
         for k, v in texts.items():
             writer.add_text(str(k), str(v), global_step=int(step))
+
+    def write_images(self, step, images):
+        writer = self._get()
+        for k, v in images.items():
+            writer.add_images(str(k), np.asarray(v, np.uint8), global_step=int(step), dataformats="NHWC")
 
     def flush(self):
         self.close()

@@ -1,0 +1,137 @@
+"""Periodic evaluators in the training loop (config.eval): schedule, files, values, failures."""
+import json
+import logging
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from anyflow_jax import inference
+from anyflow_jax.errors import RunError
+from anyflow_jax.training import evaluators as E
+from anyflow_jax.training import loop
+from runs_testlib import metrics, tiny
+
+
+def _eval_cfg(stage="teacher", train_steps=5, **eval_kw):
+    c = tiny(stage, steps=train_steps, checkpoint_every=5)
+    # EMA = the weights and a quick learning rate: the output head (zero at init) moves within 5 steps
+    c.ema.update(dict(decay=0.0, warmup_steps=0))
+    c.optim.update(dict(lr=3e-3, warmup_steps=1))
+    c.eval.update(dict(every=2, steps=[1, 3], conditions=["class1", "class7"], seed=4))
+    c.eval.update(eval_kw)
+    return c
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def test_samples_on_schedule_equal_the_saved_ema_weights_samples(tmp_path):
+    wd = str(tmp_path / "run")
+    loop.train(_eval_cfg(every=3), wd)
+    evals = sorted(os.listdir(os.path.join(wd, E.EVAL_DIR)))
+    assert evals == ["step_00000003", "step_00000005"]  # every 3 steps and the last
+    last = E.step_dir(wd, 5)
+    files = set(os.listdir(last))
+    assert {E.SAMPLES_FILE, E.SHEET_FILE} <= files
+    assert {f"class{c}_s0_steps{s}.mp4" for c in (1, 7) for s in (1, 3)} <= files
+    with np.load(os.path.join(last, E.SAMPLES_FILE)) as z:
+        got = {s: z[f"steps{s}"] for s in (1, 3)}
+        assert list(z["conditions"]) == ["class1", "class7"]
+    # the same videos from the step-5 checkpoint's EMA weights through the inference API
+    gen = inference.load_generator(wd)
+    noise = inference.initial_noise(4, np.zeros(2, int), gen.video_shape())
+    ctx = gen.conditioning.contexts(["class1", "class7"])
+    c = np.stack([ctx["class1"], ctx["class7"]])
+    for s in (1, 3):
+        want = np.asarray(gen.sample(noise, c, s, neg_context=gen.conditioning.negative(),
+                                     keys=inference.sample_keys(4, np.zeros(2, int))))
+        np.testing.assert_allclose(got[s], want, rtol=1e-5, atol=1e-5)
+    assert np.abs(got[1] - got[3]).max() > 1e-3  # step counts differ
+    # earlier evaluations saw earlier weights, from the same noise
+    with np.load(os.path.join(E.step_dir(wd, 3), E.SAMPLES_FILE)) as z:
+        assert np.abs(z["steps3"] - got[3]).max() > 1e-4
+    # the cost is logged at every evaluated step, with the training metrics of that step
+    recs = {r["step"]: r for r in _records(wd)}
+    for step in (3, 5):
+        assert recs[step]["eval/seconds"] > 0 and 0 < recs[step]["eval/fraction"] < 1
+        assert "loss" in recs[step]
+    assert "eval/seconds" not in recs[4]
+
+
+def test_a_failing_evaluator_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    def broken(self, step, state):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(E.SampleEvaluator, "__call__", broken)
+    wd = str(tmp_path / "run")
+    with caplog.at_level(logging.WARNING):
+        out = loop.train(_eval_cfg(train_steps=4), wd)
+    assert out["step"] == 4
+    assert "evaluator 'samples' failed at step 2, training goes on: RuntimeError: disk full" in caplog.text
+    recs = {r["step"]: r for r in metrics(wd)}
+    assert sorted(recs) == [1, 2, 3, 4] and recs[2]["eval/failed/samples"] == 1.0
+    assert not os.path.isdir(E.step_dir(wd, 2))
+
+
+def _tensorboard_images(logdir):
+    """(tag, step, height, width) of every image summary in the event files under ``logdir``."""
+    from tensorboardX.proto import event_pb2
+    out = []
+    for name in sorted(os.listdir(logdir)):
+        if "tfevents" not in name:
+            continue
+        with open(os.path.join(logdir, name), "rb") as fh:
+            data = fh.read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in ev.summary.value:
+                if v.HasField("image"):
+                    out.append((v.tag, ev.step, v.image.height, v.image.width))
+    return out
+
+
+def test_contact_sheets_go_to_tensorboard(tmp_path):
+    from PIL import Image
+    wd = str(tmp_path / "run")
+    c = _eval_cfg(train_steps=2, videos=False)
+    c.train.tensorboard = True
+    loop.train(c, wd)
+    assert not any(f.endswith(".mp4") for f in os.listdir(E.step_dir(wd, 2)))  # videos=False
+    sheet = Image.open(os.path.join(E.step_dir(wd, 2), E.SHEET_FILE))
+    images = _tensorboard_images(wd)
+    assert [(tag, step) for tag, step, _, _ in images] == [("eval/contact_sheet", 2)]
+    assert images[0][2:] == (sheet.height, sheet.width)
+
+
+@pytest.mark.slow
+def test_metrics_evaluator_logs_the_any_step_curve(tmp_path, tiny_teacher):
+    """A run with a frozen teacher and ``eval.metrics``: FD, accuracy and the distance to the
+    teacher's ODE solution at every step count."""
+    wd = str(tmp_path / "cm")
+    c = _eval_cfg("consistency", train_steps=2, metrics=True, metrics_samples=16, classifier_steps=30,
+                  reference_steps=3, classifier_dir=str(tmp_path / "clf"))
+    c.init.student = c.init.teacher = tiny_teacher
+    loop.train(c, wd)
+    rec = {r["step"]: r for r in metrics(wd)}[2]
+    for s in (1, 3):
+        assert rec[f"eval/fd/steps{s}"] > 0
+        assert 0 <= rec[f"eval/accuracy/steps{s}"] <= 1
+        assert rec[f"eval/ode_distance/steps{s}"] > 0
+    assert os.path.isdir(str(tmp_path / "clf"))  # the classifier is trained once, there
+
+
+def test_bad_eval_config_is_named_before_training(tmp_path):
+    for kw, msg in ((dict(steps=[0, 2]), "config.eval.steps must be positive integers"),
+                    (dict(every=-1), "config.eval.every must be >= 0"),
+                    (dict(guidance=0.5), "config.eval.guidance must be >= 1"),
+                    (dict(conditions=["class11"]), "config.eval.conditions: unknown condition 'class11'")):
+        wd = tmp_path / f"run{len(msg)}"
+        with pytest.raises(RunError, match=msg):
+            loop.train(_eval_cfg(**kw), str(wd))
+        assert not (wd / "checkpoints").exists() or not os.listdir(wd / "checkpoints")
