@@ -29,6 +29,7 @@ def _records(workdir):
         return [json.loads(line) for line in fh if line.strip()]
 
 
+@pytest.mark.slow
 def test_samples_on_schedule_equal_the_saved_ema_weights_samples(tmp_path):
     wd = str(tmp_path / "run")
     loop.train(_eval_cfg(every=3), wd)
@@ -96,6 +97,7 @@ def _tensorboard_images(logdir):
     return out
 
 
+@pytest.mark.slow
 def test_contact_sheets_go_to_tensorboard(tmp_path):
     from PIL import Image
     wd = str(tmp_path / "run")
