@@ -34,6 +34,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_out", None),
     ("norm", None),
     ("layers", None),
+    # the rank axis of LoRA factors (anyflow_jax/lora.py): small, replicated; the factors' other
+    # axis is named like the adapted kernel's, so A @ B lands where the kernel lives
+    ("lora_rank", None),
     # the Wan VAE's conv kernels (models/wan_vae.py): small weights, replicated
     ("conv_in", None),
     ("conv_out", None),
