@@ -104,6 +104,8 @@ class EvalConfig:
     steps: tuple = (1, 4, 32)  # sampler step counts (one compiled program for all of them)
     conditions: tuple = ()  # condition names (toy: class0..class9); empty: all of the run's
     contexts: str = ""  # .npz of named (L, D) text embeddings, for runs without named conditions
+    prompts_file: str = ""  # one prompt per line, encoded once with eval.pipeline's UMT5 (prompt0, prompt1, ...)
+    pipeline: str = ""  # a Wan2.1 diffusers pipeline folder: text encoder for prompts_file, VAE to decode latents
     num_samples: int = 1  # videos per condition
     seed: int = 0  # noise and sampler keys (the same at every evaluation)
     guidance: float = 0.0  # 0: the sampler's default (teacher 3, flow map and consistency 1)
@@ -314,6 +316,10 @@ def _check_values(c: RunConfig) -> None:
             raise RunError(f"config.eval.{field} must be >= 1, got {getattr(e, field)}")
     if e.guidance != 0.0 and e.guidance < 1.0:
         raise RunError(f"config.eval.guidance must be >= 1 (0: the sampler's default), got {e.guidance}")
+    if e.prompts_file and not e.pipeline:
+        raise RunError("config.eval.prompts_file needs config.eval.pipeline (a pipeline folder with the text encoder)")
+    if e.prompts_file and e.contexts:
+        raise RunError("config.eval: give either prompts_file or contexts, not both")
     if e.every and e.metrics and c.data.source != "moving_digits":
         raise RunError("config.eval.metrics needs moving-digits data (its classifier is trained on those videos)")
     if c.data.source not in DATA_SOURCES:

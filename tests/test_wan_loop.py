@@ -37,6 +37,8 @@ def get_config():
     c.data.update(dict(paths=[{data!r}], global_batch_size=2, worker_count=0))
     c.train.update(dict(steps=3, checkpoint_every=3, log_every=1, async_checkpointing=False, tensorboard=False))
     c.init.student = {pipe!r}
+    # a periodic evaluator at the last step: prompts from a file, latents decoded by the pipeline's VAE
+    c.eval.update(dict(every=3, steps=(1, 2), prompts_file={prompts!r}, pipeline={pipe!r}))
     return c
 '''
 
@@ -79,21 +81,36 @@ def test_prepare_train_sample(tmp_path, capsys):
     cfg.write_text(CONFIG.format(heads=TINY_TRANSFORMER["num_attention_heads"],
                                  head_dim=TINY_TRANSFORMER["attention_head_dim"], ffn=TINY_TRANSFORMER["ffn_dim"],
                                  layers=TINY_TRANSFORMER["num_layers"], freq=TINY_TRANSFORMER["freq_dim"],
-                                 text_dim=text_dim, z=z, data=str(data), pipe=pipe))
+                                 text_dim=text_dim, z=z, data=str(data), pipe=pipe,
+                                 prompts=str(tmp_path / "prompts.txt")))
+    (tmp_path / "prompts.txt").write_text(CAPTIONS[0] + "\n\n" + CAPTIONS[2] + "\n")
     workdir = tmp_path / "teacher"
     res = subprocess.run([sys.executable, "-m", "anyflow_jax.train", "--config", str(cfg), "--workdir", str(workdir)],
                          cwd=ROOT, env=subprocess_env(devices=1), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert os.path.isdir(workdir / "checkpoints" / "3")
 
+    # the negative prompt of the run's negative embedding (what the evaluator's CFG uses; the CLI's
+    # default is the empty prompt)
     code = sample.main(["--checkpoint", str(workdir), "--pipeline", pipe, "--prompt", CAPTIONS[0], "--steps", "1,2",
+                        "--negative-prompt", prepare.WAN_NEGATIVE_PROMPT,
                         "--frames", "5", "--height", "32", "--width", "32", "--format", "mp4,npy", "--no-progress",
                         "--out", str(tmp_path / "samples")])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "[teacher, guidance 3," in out  # the run's sampler and its default CFG with the negative prompt
+    ev = workdir / "eval" / "step_00000003"
+    assert json.loads((ev / "prompts.json").read_text()) == {"prompt0": CAPTIONS[0], "prompt1": CAPTIONS[2]}
+    assert (ev / "contact_sheet.png").exists()
+    with np.load(ev / "samples.npz") as saved:
+        evaluated = {s: saved[f"steps{s}"] for s in (1, 2)}
     for steps in (1, 2):
         lat = np.load(tmp_path / "samples" / f"prompt0_s0_steps{steps}.npy")
         assert lat.shape == (2, 4, 4, z) and np.all(np.isfinite(lat))
         frames = iio.imread(tmp_path / "samples" / f"prompt0_s0_steps{steps}.mp4")
         assert frames.shape == (5, 32, 32, 3)
+        # the evaluator's sample of the same prompt, noise (seed 0, sample 0), EMA weights and CFG;
+        # its negative embedding is prepare's file, stored in the records' context dtype (bf16)
+        np.testing.assert_allclose(evaluated[steps][0], lat, rtol=0, atol=1e-2)
+        assert np.abs(evaluated[steps][1] - lat).max() > 0.05  # another prompt, another video
+        assert iio.imread(ev / f"prompt1_s0_steps{steps}.mp4").shape == (5, 32, 32, 3)  # VAE-decoded

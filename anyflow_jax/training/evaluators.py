@@ -6,8 +6,11 @@ train state. The evaluators built from the config:
 - :class:`SampleEvaluator`: samples at every step count of ``eval.steps`` from the EMA weights,
   from the same fixed noise every time (:func:`anyflow_jax.inference.initial_noise` of
   ``eval.seed``), written to ``<workdir>/eval/step_<k>/``: ``samples.npz`` (the raw float
-  videos), one mp4 per (condition, sample, step count) and ``contact_sheet.png`` (rows:
-  conditions, columns: step counts), the sheet also logged as an image to TensorBoard;
+  videos or latents), one mp4 per (condition, sample, step count) and ``contact_sheet.png``
+  (rows: conditions, columns: step counts), the sheet also logged as an image to TensorBoard.
+  Conditions: the run's named ones (the toy's classes), an .npz of named embeddings, or prompts
+  from a file encoded once with a pipeline folder's UMT5; latents are decoded with that
+  folder's VAE;
 - :class:`ToyMetricsEvaluator` (``eval.metrics``, moving-digits runs): the evaluation's metrics
   (Frechet distance in a real-video classifier's feature space, conditional accuracy, and with a
   teacher the distance to its ODE solution; :mod:`anyflow_jax.evaluation`) at every step count,
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
 import shutil
@@ -108,7 +112,7 @@ class SampleEvaluator:
     """Samples at ``eval.steps`` from the EMA weights, written under ``<workdir>/eval/step_<k>/``."""
     name = "samples"
 
-    def __init__(self, run, writer, *, process_index: int = 0):
+    def __init__(self, run, writer, *, process_index: int = 0, video_shape: Sequence[int] | None = None):
         from anyflow_jax.flow import sampling as flow_sampling
         e = run.cfg.eval
         self.run_workdir, self.writer, self.process_index = run.workdir, writer, process_index
@@ -116,12 +120,32 @@ class SampleEvaluator:
         self.steps = [int(s) for s in e.steps]
         self.capacity = flow_sampling.grid_capacity(max(self.steps))
         adapter = self.sampling.gen.conditioning
-        contexts = _named_contexts(adapter, e)
+        self.prompts: list[str] = []
+        self.decoder = None
+        if e.pipeline:
+            from anyflow_jax import text_to_video as t2v
+            try:
+                pipeline = t2v.check_pipeline(os.path.abspath(os.path.expanduser(e.pipeline)), "config.eval.pipeline")
+            except t2v.PipelineError as err:
+                raise RunError(str(err)) from None
+        if e.prompts_file:
+            self.prompts = _read_prompts(e.prompts_file)
+            ctx, _ = t2v.encode_prompts(pipeline, self.prompts, log=log.info)
+            contexts = {f"prompt{k}": c for k, c in enumerate(ctx)}
+            if e.conditions:
+                contexts = {n: contexts[n] for n in _known(e.conditions, contexts, "config.eval.prompts_file")}
+        else:
+            contexts = _named_contexts(adapter, e)
         self.names = list(contexts)
-        shape = adapter.video_shape()
+        shape = adapter.video_shape() if video_shape is None else video_shape
         if shape is None:
             raise RunError("config.eval: the run's video shape is unknown (no moving-digits or latent-record data)")
-        self.shape = tuple(shape)
+        self.shape = tuple(int(x) for x in shape)
+        if e.pipeline:
+            self.decoder = t2v.VideoDecoder.from_pipeline(pipeline)
+            if self.decoder.z_dim != self.shape[3]:
+                raise RunError(f"config.eval.pipeline: its VAE has {self.decoder.z_dim} latent channels, the run's "
+                               f"latents {self.shape[3]}")
         inf = self.sampling.inference
         n = int(e.num_samples)
         self.jobs = [(name, i) for name in self.names for i in range(n)]
@@ -149,13 +173,16 @@ class SampleEvaluator:
                      conditions=np.asarray([n for n, _ in self.jobs]), sample=np.asarray([i for _, i in self.jobs]))
             with open(os.path.join(tmp, SAMPLES_FILE), "wb") as fh:
                 fh.write(buf.getvalue())
+            if self.prompts:
+                with open(os.path.join(tmp, "prompts.json"), "w") as fh:
+                    json.dump({f"prompt{k}": p for k, p in enumerate(self.prompts)}, fh, indent=2, ensure_ascii=False)
             sheet = None
-            if self.shape[3] in (1, 3):
-                scale = max(1, 64 // max(self.shape[1:3]))
+            if self.shape[3] in (1, 3) or self.decoder is not None:
+                scale = 1 if self.decoder is not None else max(1, 64 // max(self.shape[1:3]))
                 cells = {}
                 for s, x in samples.items():
                     for (name, i), v in zip(self.jobs, x):
-                        frames = vid.to_uint8(v)
+                        frames = self.decoder(v) if self.decoder is not None else vid.to_uint8(v)
                         if self.write_videos:
                             vid.write_mp4(os.path.join(tmp, f"{name}_s{i}_steps{s}.mp4"), vid.upscale(frames, scale),
                                           fps=self.fps)
@@ -181,6 +208,25 @@ class SampleEvaluator:
             self.writer.write_images(step, {"eval/contact_sheet": np.asarray(sheet.convert("RGB"))[None]})
 
 
+def _read_prompts(path: str) -> list[str]:
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            prompts = [line.strip() for line in fh if line.strip()]
+    except OSError as err:
+        raise RunError(f"config.eval.prompts_file: cannot read {path} ({err.strerror or err})") from None
+    if not prompts:
+        raise RunError(f"config.eval.prompts_file: {path} has no prompts (one per line)")
+    return prompts
+
+
+def _known(names, available, where: str) -> list[str]:
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise RunError(f"config.eval.conditions: {missing[0]!r} is not in {where} (it has {', '.join(available)})")
+    return list(names)
+
+
 def _named_contexts(adapter, e) -> dict[str, np.ndarray]:
     """``{name: (L, D)}``: ``eval.contexts`` (an .npz of named text embeddings) when given, else
     the run's named conditions (``eval.conditions``, default all of them)."""
@@ -196,10 +242,7 @@ def _named_contexts(adapter, e) -> dict[str, np.ndarray]:
         if bad or not out:
             raise RunError(f"config.eval.contexts: {path} must hold named (L, D) embeddings"
                            + (f"; {bad[0]!r} is not 2-D" if bad else " (it is empty)"))
-        names = list(e.conditions) or list(out)
-        missing = [n for n in names if n not in out]
-        if missing:
-            raise RunError(f"config.eval.conditions: {missing[0]!r} is not in {path} (it has {', '.join(out)})")
+        names = _known(e.conditions, out, path) if e.conditions else list(out)
         return {n: out[n] for n in names}
     if not adapter.names:
         raise RunError("config.eval: this run's data has no named conditions; give config.eval.contexts "
@@ -301,14 +344,15 @@ class Evaluators:
         return out
 
 
-def build(run, writer, *, frozen=None) -> Evaluators:
-    """The evaluators of ``run.cfg.eval`` (none when ``eval.every`` is 0). Errors in the eval
+def build(run, writer, *, frozen=None, video_shape: Sequence[int] | None = None) -> Evaluators:
+    """The evaluators of ``run.cfg.eval`` (none when ``eval.every`` is 0). ``video_shape``
+    ``(F, H, W, C)``: one training sample's (needed for latent-record runs). Errors in the eval
     config are :class:`RunError` (raised before training starts)."""
     e = run.cfg.eval
     if e.every <= 0:
         return Evaluators([], 0, run.cfg.train.steps)
     process_index = jax.process_index()
-    evs: list[Any] = [SampleEvaluator(run, writer, process_index=process_index)]
+    evs: list[Any] = [SampleEvaluator(run, writer, process_index=process_index, video_shape=video_shape)]
     if e.metrics:
         evs.append(ToyMetricsEvaluator(run, writer, frozen=frozen, process_index=process_index))
     log.info("evaluators: %s every %d steps at %s", ", ".join(ev.name for ev in evs), e.every,

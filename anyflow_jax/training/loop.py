@@ -640,9 +640,10 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> dict[s
             run.nets.teacher_params = None
             if jax.process_index() == 0:
                 _write_parameter_table(run, state)
-            with jax.set_mesh(run.mesh):  # a bad eval config fails here, before the steps compile
-                evaluators = evaluators_lib.build(run, run.writer, frozen=frozen)
             probe = run.next_batch()
+            with jax.set_mesh(run.mesh):  # a bad eval config fails here, before the steps compile
+                evaluators = evaluators_lib.build(run, run.writer, frozen=frozen,
+                                                  video_shape=tuple(probe["x0"].shape[1:]))
             compiled = compile_steps(run, state, frozen, probe)
             return run_loop(run, state, compiled, frozen, probe, signals, evaluators)
     finally:
