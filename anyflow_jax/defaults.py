@@ -67,7 +67,11 @@ TOY_STAGES = {
                  "ema.warmup_steps": 20, "train.steps": 400},
     "on_policy": {"loss.steps_list": [2, 4, 8, 16, 32], "critic_loss.steps_list": [2, 4, 8, 16, 32],
                   "optim.lr": 2e-5, "critic_optim.lr": 2e-5, "ema.decay": 0.99, "ema.warmup_steps": 20,
-                  "train.steps": 200},
+                  "train.steps": 200,
+                  # the any-step curve while stage 2 trains (periodic evaluators; the classifier is
+                  # the pipeline evaluation's, trained once)
+                  "eval.every": 50, "eval.metrics": True, "eval.steps": (1, 4, 32), "eval.videos": False,
+                  "eval.classifier_dir": f"{TOY_ROOT}/eval/classifier"},
     "consistency": {"optim.lr": 3e-4, "optim.b1": 0.9, "optim.b2": 0.99, "optim.warmup_steps": 20,
                     "ema.decay": 0.99, "ema.warmup_steps": 20, "train.steps": 400},
 }

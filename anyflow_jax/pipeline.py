@@ -34,6 +34,8 @@ def stage_config(stage: str, root: str, overrides: dict, steps_scale: float = 1.
     record = stage_registry.get(stage)
     for field in ("student", "teacher", "critic"):
         c.init[field] = f"{root}/{record.starts_from[field]}" if field in record.starts_from else ""
+    if c.eval.classifier_dir:  # the periodic evaluators share the pipeline evaluation's classifier
+        c.eval.classifier_dir = f"{root}/eval/classifier"
     c.train.steps = max(1, int(round(c.train.steps * steps_scale)))
     c.train.checkpoint_every = min(c.train.checkpoint_every, c.train.steps)
     for key, value in overrides.items():

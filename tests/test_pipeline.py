@@ -11,7 +11,7 @@ from anyflow_jax.training.run_checkpoints import RunCheckpointer
 
 TINY = ["model.num_layers=2", "model.num_attention_heads=2", "model.attention_head_dim=16", "model.ffn_dim=64",
         "model.freq_dim=32", "data.global_batch_size=8", "data.num_frames=4", "train.tensorboard=false",
-        "mesh.fsdp=1"]
+        "mesh.fsdp=1", "eval.classifier_steps=20", "eval.metrics_samples=16", "eval.reference_steps=2"]
 
 
 @pytest.mark.slow
@@ -33,6 +33,12 @@ def test_pipeline_chains_the_four_stages(tmp_path, capsys):
     assert cfg["init"]["student"] == os.path.join(root, "flow_map")
     assert cfg["init"]["teacher"] == os.path.join(root, "teacher")
     assert cfg["loss"]["shift"] == 1.0 and cfg["loss"]["flow_map_options"]["shift"] == 1.0
+    # stage 2 logs the any-step curve while it trains (here at its only step), with the classifier
+    # the pipeline's evaluation uses
+    last = [json.loads(line) for line in open(os.path.join(root, "on_policy", "metrics.jsonl"))][-1]
+    assert {f"eval/{m}/steps{s}" for m in ("fd", "accuracy", "ode_distance") for s in (1, 4, 32)} <= set(last)
+    assert cfg["eval"]["classifier_dir"] == os.path.join(root, "eval", "classifier")
+    assert os.path.isdir(os.path.join(root, "eval", "classifier"))
     # running again resumes every stage at its end: nothing is retrained
     before = os.path.getmtime(os.path.join(root, "teacher", "metrics.jsonl"))
     assert pipeline.main(args) == 0
