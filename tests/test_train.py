@@ -144,6 +144,8 @@ def test_mesh_2x2x2_matches_one_device_and_checkpoints_move_between_them(tmp_pat
     def cfg(steps, mesh):
         c = tiny("teacher", steps=steps, checkpoint_every=3)
         c.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh)))
+        # periodic evaluators run on the training mesh, on the sharded EMA weights
+        c.eval.update(dict(every=3, steps=(1, 2), conditions=("class0", "class4"), videos=False))
         return c
 
     one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
@@ -152,6 +154,10 @@ def test_mesh_2x2x2_matches_one_device_and_checkpoints_move_between_them(tmp_pat
     loss_one = [r["loss"] for r in metrics(one)]
     loss_eight = [r["loss"] for r in metrics(eight)]
     np.testing.assert_allclose(loss_eight, loss_one[:3], rtol=2e-4)
+    for key in ("steps1", "steps2"):
+        with np.load(os.path.join(one, "eval", "step_00000003", "samples.npz")) as a, \
+                np.load(os.path.join(eight, "eval", "step_00000003", "samples.npz")) as b:
+            np.testing.assert_allclose(b[key], a[key], atol=1e-3)
     # saved on 8 devices, resumed on 1
     loop.train(cfg(6, (1, 1, 1)), eight)
     np.testing.assert_allclose([r["loss"] for r in metrics(eight)], loss_one, rtol=2e-4)
