@@ -7,10 +7,16 @@ evaluates all four at 1-32 steps (``anyflow_jax.evaluate``) and prints the table
 lives in ``<workdir>/<stage>`` and resumes (or is skipped when finished) if the pipeline is run
 again; the evaluation is written to ``<workdir>/eval``. ``--override key=value`` changes any
 config field of every stage (YAML values).
+
+``--seeds 0,1,2`` repeats the whole pipeline per training seed (``seed`` and ``data.seed``) in
+``<workdir>/seed<k>/``, evaluates each (one shared classifier in ``<workdir>/eval/classifier``)
+and writes the mean and spread over seeds to ``<workdir>/eval/summary.json`` and
+``summary.png``. One seed (the default, 0) keeps the single-run layout.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -18,7 +24,7 @@ import time
 
 import yaml
 
-from anyflow_jax import cli
+from anyflow_jax import cli, fileio
 from anyflow_jax import stages as stage_registry
 from anyflow_jax.config import set_field
 from anyflow_jax.defaults import toy_config
@@ -27,15 +33,17 @@ from anyflow_jax.errors import RunError
 ORDER = stage_registry.names()  # the registered stages, in registration order
 
 
-def stage_config(stage: str, root: str, overrides: dict, steps_scale: float = 1.0):
+def stage_config(stage: str, root: str, overrides: dict, steps_scale: float = 1.0, *,
+                 classifier_root: str | None = None):
     """The toy config of ``stage`` with its starting checkpoints in ``root`` (the stage
-    record's ``starts_from``), ``steps_scale`` applied and ``overrides`` set."""
+    record's ``starts_from``), ``steps_scale`` applied and ``overrides`` set; its periodic
+    evaluators' classifier in ``<classifier_root or root>/eval/classifier``."""
     c = toy_config(stage)
     record = stage_registry.get(stage)
     for field in ("student", "teacher", "critic"):
         c.init[field] = f"{root}/{record.starts_from[field]}" if field in record.starts_from else ""
     if c.eval.classifier_dir:  # the periodic evaluators share the pipeline evaluation's classifier
-        c.eval.classifier_dir = f"{root}/eval/classifier"
+        c.eval.classifier_dir = f"{classifier_root or root}/eval/classifier"
     c.train.steps = max(1, int(round(c.train.steps * steps_scale)))
     c.train.checkpoint_every = min(c.train.checkpoint_every, c.train.steps)
     for key, value in overrides.items():
@@ -44,6 +52,16 @@ def stage_config(stage: str, root: str, overrides: dict, steps_scale: float = 1.
         except RunError as e:
             raise RunError(f"--override {key}: {e}") from None
     return c
+
+
+def parse_seeds(spec: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise RunError(f"--seeds expects comma-separated non-negative integers, got {spec!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise RunError(f"--seeds expects distinct non-negative integers, got {spec!r}")
+    return seeds
 
 
 def parse_overrides(items) -> dict:
@@ -56,7 +74,18 @@ def parse_overrides(items) -> dict:
     return out
 
 
-def run(root: str, *, stages=None, overrides=None, steps_scale: float = 1.0) -> dict[str, dict]:
+def seed_root(root: str, seed: int, seeds) -> str:
+    """Where seed ``seed``'s stages live: ``root`` for a single seed, else ``root/seed<k>``."""
+    return root if len(seeds) == 1 else os.path.join(root, f"seed{seed}")
+
+
+def seed_overrides(overrides: dict, seed: int, seeds) -> dict:
+    """``overrides`` plus the training and data seeds of ``seed`` (several seeds only)."""
+    return dict(overrides) if len(seeds) == 1 else {**overrides, "seed": seed, "data.seed": seed}
+
+
+def run(root: str, *, stages=None, overrides=None, steps_scale: float = 1.0,
+        classifier_root: str | None = None) -> dict[str, dict]:
     """Train ``stages`` (default: every registered stage, in order) in ``root/<stage>``, each from
     the workdirs its record starts from. Every stage's config is built and checked before the
     first one trains. A finished stage is skipped, an unfinished one resumed; a stop signal
@@ -65,7 +94,8 @@ def run(root: str, *, stages=None, overrides=None, steps_scale: float = 1.0) -> 
     from anyflow_jax.training.loop import train
     root = os.path.abspath(root)
     stages = stage_registry.names() if stages is None else tuple(stages)
-    configs = {stage: stage_config(stage, root, overrides or {}, steps_scale) for stage in stages}
+    configs = {stage: stage_config(stage, root, overrides or {}, steps_scale, classifier_root=classifier_root)
+               for stage in stages}
     for config in configs.values():
         parse(config)
     results = {}
@@ -97,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="step counts to evaluate ('' to skip the evaluation)")
     ap.add_argument("--eval-samples", "--eval_samples", dest="eval_samples", default="256",
                     help="videos per model and step count")
+    ap.add_argument("--seeds", default="0",
+                    help="training seeds, e.g. 0,1,2: one pipeline per seed in <workdir>/seed<k> and the mean and "
+                         "spread over seeds in <workdir>/eval/summary.json (default: 0, one run in <workdir>)")
     ap.add_argument("--eval-reference-steps", "--eval_reference_steps", dest="eval_reference_steps", default="128",
                     help="teacher ODE steps of the reference")
     return ap
@@ -119,8 +152,10 @@ def main(argv=None) -> int:
         eval_samples = harness.int_flag("--eval-samples", args.eval_samples, harness.MIN_SAMPLES)
         reference_steps = harness.int_flag("--eval-reference-steps", args.eval_reference_steps, 1)
         overrides = parse_overrides(args.override)
+        seeds = parse_seeds(args.seeds)
         for stage in stages:  # bad overrides fail now, not after the first stage
-            stage_config(stage, os.path.abspath(args.workdir), overrides, args.steps_scale)
+            stage_config(stage, os.path.abspath(args.workdir), seed_overrides(overrides, seeds[0], seeds),
+                         args.steps_scale)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -129,16 +164,31 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from anyflow_jax.training.loop import NonFiniteLoss
+    top = os.path.abspath(args.workdir)
     try:
-        run(args.workdir, stages=stages, overrides=overrides, steps_scale=args.steps_scale)
-        if eval_steps:
-            root = os.path.abspath(args.workdir)
-            models = {stage_registry.get(s).eval_name: os.path.join(root, s) for s in stage_registry.names()
-                      if os.path.isdir(os.path.join(root, s))}
-            print(f"== evaluation of {sorted(models)} -> {root}/eval", flush=True)
-            results = harness.evaluate(models, eval_steps, eval_samples, os.path.join(root, "eval"), overwrite=True,
-                                       reference_steps=reference_steps, verbose=False)
-            print(harness.format_table(results), flush=True)
+        evaluations = {}
+        for seed in seeds:
+            root = seed_root(top, seed, seeds)
+            if len(seeds) > 1:
+                print(f"== seed {seed} -> {root}", flush=True)
+            run(root, stages=stages, overrides=seed_overrides(overrides, seed, seeds), steps_scale=args.steps_scale,
+                classifier_root=top)
+            if eval_steps:
+                models = {stage_registry.get(s).eval_name: os.path.join(root, s) for s in stage_registry.names()
+                          if os.path.isdir(os.path.join(root, s))}
+                print(f"== evaluation of {sorted(models)} -> {root}/eval", flush=True)
+                evaluations[seed] = harness.evaluate(
+                    models, eval_steps, eval_samples, os.path.join(root, "eval"), overwrite=True,
+                    reference_steps=reference_steps, verbose=False, classifier_dir=os.path.join(top, "eval", "classifier"))
+                print(harness.format_table(evaluations[seed]), flush=True)
+        if len(evaluations) > 1:
+            summary = harness.aggregate(evaluations)
+            os.makedirs(os.path.join(top, "eval"), exist_ok=True)
+            fileio.atomic_write_bytes(os.path.join(top, "eval", "summary.json"),
+                                      (json.dumps(summary, indent=2) + "\n").encode())
+            harness.plot_results(summary, os.path.join(top, "eval", "summary.png"))
+            print(f"== {len(evaluations)} seeds -> {top}/eval/summary.json", flush=True)
+            print(harness.format_aggregate(summary), flush=True)
     except Preempted as e:
         print(f"== pipeline {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED

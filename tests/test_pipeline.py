@@ -48,3 +48,40 @@ def test_pipeline_chains_the_four_stages(tmp_path, capsys):
 def test_pipeline_rejects_bad_arguments(tmp_path, capsys):
     assert pipeline.main(["--workdir", str(tmp_path), "--override", "model.nope=1", "--eval_steps", ""]) == 2
     assert "--override model.nope: config.model.nope is not a config field" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_seeds_run_one_pipeline_each(tmp_path, capsys):
+    root = str(tmp_path / "toy")
+    args = ["--workdir", root, "--stages", "teacher", "--steps_scale", "0.002", "--eval_steps", "", "--seeds", "3,5"]
+    for o in TINY:
+        args += ["--override", o]
+    assert pipeline.main(args) == 0
+    runs = {k: json.load(open(os.path.join(root, f"seed{k}", "teacher", "run.json")))["config"] for k in (3, 5)}
+    assert [(c["seed"], c["data"]["seed"]) for c in runs.values()] == [(3, 3), (5, 5)]
+    losses = [[json.loads(line)["loss"] for line in open(os.path.join(root, f"seed{k}", "teacher", "metrics.jsonl"))]
+              for k in (3, 5)]
+    assert losses[0] != losses[1]
+    assert not os.path.exists(os.path.join(root, "teacher"))
+
+
+def test_aggregate_over_seeds(tmp_path):
+    from anyflow_jax.evaluation import harness
+
+    def res(fd1, acc):
+        m = {"fd": {"a": {"1": fd1, "4": fd1 / 2}}, "accuracy": {"a": {"1": acc, "4": None}},
+             "ode_distance": {"a": {"1": 0.3, "4": 0.2}}}
+        return {"models": {"a": {}}, "steps": [1, 4], "num_samples": 64, "metrics": m,
+                "real_baseline": {"fd_real_vs_real": 20.0, "accuracy_real": 0.9}}
+    agg = harness.aggregate({0: res(100.0, 0.5), 1: res(200.0, 0.7), 2: res(300.0, 0.6)})
+    cell = agg["metrics"]["fd"]["a"]["1"]
+    assert (cell["mean"], cell["std"], cell["min"], cell["max"], cell["n"]) == (200.0, 100.0, 100.0, 300.0, 3)
+    assert agg["metrics"]["accuracy"]["a"]["4"] is None and agg["seeds"] == [0, 1, 2]
+    table = harness.format_aggregate(agg)
+    assert "200 ± 100" in table and "0.600 ± 0.100" in table
+    harness.plot_results(agg, str(tmp_path / "s.png"))
+    assert os.path.getsize(tmp_path / "s.png") > 1000
+    other = res(1.0, 0.1)
+    other["steps"] = [1, 2]
+    with pytest.raises(harness.EvalError, match="seed 9: the evaluation has other models or step counts"):
+        harness.aggregate({0: res(1.0, 0.1), 9: other})

@@ -213,9 +213,11 @@ def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, nu
              out: str = "eval", *, reference_teacher: str | None = None, reference_steps: int = 128,
              seed: int = 0, classifier_seed: int = 0, chunk_size: int = 128,
              classifier_config: Mapping[str, Any] | None = None, progress: bool | None = None,
-             plot: bool = True, verbose: bool = True, overwrite: bool = False) -> dict:
+             plot: bool = True, verbose: bool = True, overwrite: bool = False,
+             classifier_dir: str | None = None) -> dict:
     """Evaluate ``models`` (``{name: checkpoint}``) at every step count; write ``results.json`` and
     the plot into ``out`` and return the results dict (see the module docstring).
+    ``classifier_dir`` (default ``out/classifier``): where the classifier is cached (trained once).
 
     ``reference_teacher`` defaults to the model named ``'teacher'``. ``classifier_config``
     overrides fields of :class:`~anyflow_jax.evaluation.classifier.ClassifierConfig` (the video
@@ -254,14 +256,14 @@ def evaluate(models: Mapping[str, str], steps: Sequence[int] = DEFAULT_STEPS, nu
         return _evaluate(models, steps, num_samples, out, reference_teacher=reference_teacher,
                          reference_steps=reference_steps, seed=seed, classifier_seed=classifier_seed,
                          chunk_size=chunk_size, classifier_config=classifier_config, progress=progress, plot=plot,
-                         verbose=verbose, t_start=t_start)
+                         verbose=verbose, t_start=t_start, classifier_dir=classifier_dir)
     except BaseException:
         cli.remove_empty_dirs(created)  # a failed run leaves no empty output folder it created
         raise
 
 
 def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_steps, seed, classifier_seed,
-              chunk_size, classifier_config, progress, plot, verbose, t_start) -> dict:
+              chunk_size, classifier_config, progress, plot, verbose, t_start, classifier_dir=None) -> dict:
     """:func:`evaluate` after its checks (``out`` exists and is writable)."""
     from tqdm.auto import tqdm
 
@@ -300,7 +302,7 @@ def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_s
         ccfg = clf_lib.ClassifierConfig(**cfg_kw)
     except TypeError as e:
         raise EvalError(f"classifier_config: {e}") from None
-    clf_dir = os.path.join(out, "classifier")
+    clf_dir = os.path.abspath(os.path.expanduser(classifier_dir)) if classifier_dir else os.path.join(out, "classifier")
     say(f"classifier: loading from {clf_dir} or training on real 'train' videos {shape} ...")
     clf = clf_lib.load_or_train(clf_dir, ccfg)
     clf_seconds = time.perf_counter() - t0
@@ -455,6 +457,59 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def aggregate(runs: Mapping[Any, Mapping[str, Any]]) -> dict:
+    """Mean and spread over training seeds of evaluations (``{seed: results}``, the same models
+    and step counts): ``metrics[metric][model][steps]`` becomes ``{"mean", "std", "min", "max",
+    "n", "values"}`` (``std`` the sample standard deviation, 0 for one value; runs whose value is
+    missing, e.g. non-finite samples, are left out of that cell)."""
+    runs = dict(runs)
+    if not runs:
+        raise EvalError("no evaluations to aggregate")
+    first = next(iter(runs.values()))
+    for seed, r in runs.items():
+        if list(r["models"]) != list(first["models"]) or list(r["steps"]) != list(first["steps"]):
+            raise EvalError(f"seed {seed}: the evaluation has other models or step counts than the first")
+    metrics: dict = {m: {name: {} for name in first["models"]} for m in METRICS}
+    for m in METRICS:
+        for name in first["models"]:
+            for s in first["steps"]:
+                vals = [r["metrics"][m][name].get(str(s)) for r in runs.values()]
+                vals = [float(v) for v in vals if v is not None]
+                if not vals:
+                    metrics[m][name][str(s)] = None
+                    continue
+                a = np.asarray(vals, np.float64)
+                metrics[m][name][str(s)] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+                                            "min": float(a.min()), "max": float(a.max()), "n": int(a.size),
+                                            "values": vals}
+    base = {k: float(np.mean([r.get("real_baseline", {}).get(k, np.nan) for r in runs.values()]))
+            for k in first.get("real_baseline", {})}
+    return {"format": FORMAT, "aggregate": True, "seeds": list(runs), "models": first["models"],
+            "steps": first["steps"], "num_samples": first["num_samples"], "metric_info": METRIC_INFO,
+            "real_baseline": base, "metrics": metrics}
+
+
+def format_aggregate(agg: Mapping[str, Any]) -> str:
+    """Plain-text tables of :func:`aggregate`: ``mean ± std`` over the seeds in every cell."""
+    steps = [str(s) for s in agg["steps"]]
+    names = list(agg["models"])
+    width = max([len("model")] + [len(n) for n in names])
+    lines = [f"mean ± std over training seeds {', '.join(str(s) for s in agg['seeds'])}"]
+    for metric in METRICS:
+        lines.append("")
+        lines.append(f"{metric}: {METRIC_INFO[metric]}; N={agg['num_samples']} per seed")
+        cells = [[(f"{_fmt(c['mean'], metric)} ± {_fmt(c['std'], metric)}" if c else _fmt(None, metric))
+                  for c in (agg["metrics"][metric][n].get(s) for s in steps)] for n in names]
+        heads = [cli.plural(int(s), "step") if i == 0 else s for i, s in enumerate(steps)]
+        colw = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
+        header = f"{'model':<{width}}  " + "  ".join(f"{h:>{colw[i]}}" for i, h in enumerate(heads))
+        lines.append(header)
+        lines.append("-" * len(header))
+        for n, row in zip(names, cells):
+            lines.append(f"{n:<{width}}  " + "  ".join(f"{c:>{colw[i]}}" for i, c in enumerate(row)))
+    return "\n".join(lines)
+
+
 def plot_results(results: Mapping[str, Any], path: str) -> None:
     """One panel per metric against steps (log2 axis), one line per model; written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -471,7 +526,12 @@ def plot_results(results: Mapping[str, Any], path: str) -> None:
         for name in results["models"]:
             vals = results["metrics"][metric][name]
             xs = [s for s in steps if vals.get(str(s)) is not None]
-            ax.plot(xs, [vals[str(s)] for s in xs], marker="o", label=name)
+            if results.get("aggregate"):  # mean over seeds, the band spans the seeds' min..max
+                line, = ax.plot(xs, [vals[str(s)]["mean"] for s in xs], marker="o", label=name)
+                ax.fill_between(xs, [vals[str(s)]["min"] for s in xs], [vals[str(s)]["max"] for s in xs],
+                                color=line.get_color(), alpha=0.2, lw=0)
+            else:
+                ax.plot(xs, [vals[str(s)] for s in xs], marker="o", label=name)
         if metric == "fd" and base.get("fd_real_vs_real") is not None:
             ax.axhline(base["fd_real_vs_real"], color="gray", ls="--", lw=1, label="real vs real")
         if metric == "accuracy" and base.get("accuracy_real") is not None:
@@ -485,7 +545,9 @@ def plot_results(results: Mapping[str, Any], path: str) -> None:
         ax.set_title(titles[metric], fontsize=10)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"moving digits, N={results['num_samples']}", fontsize=10)
+    seeds = f", mean and min-max over training seeds {', '.join(map(str, results['seeds']))}" \
+        if results.get("aggregate") else ""
+    fig.suptitle(f"moving digits, N={results['num_samples']}{seeds}", fontsize=10)
     fig.tight_layout()
     import io
     buf = io.BytesIO()
