@@ -72,9 +72,27 @@ def test_a_failing_evaluator_is_logged_and_training_goes_on(tmp_path, monkeypatc
         out = loop.train(_eval_cfg(train_steps=4), wd)
     assert out["step"] == 4
     assert "evaluator 'samples' failed at step 2, training goes on: RuntimeError: disk full" in caplog.text
+    assert "the evaluators have taken" not in caplog.text  # a failing evaluator costs nothing
     recs = {r["step"]: r for r in metrics(wd)}
     assert sorted(recs) == [1, 2, 3, 4] and recs[2]["eval/failed/samples"] == 1.0
     assert not os.path.isdir(E.step_dir(wd, 2))
+
+
+def test_expensive_evaluators_are_reported_once(caplog, monkeypatch):
+    clock = iter(range(100))  # a fake clock: each evaluation takes 1 s
+    monkeypatch.setattr(E.time, "perf_counter", lambda: float(next(clock)))
+    def ev(step, state):
+        return {"eval/x": float(step)}
+    ev.name = "x"
+    evs = E.Evaluators([ev], every=1, total=3)
+    with caplog.at_level(logging.WARNING):
+        out = [evs(k, None, train_seconds=3.0) for k in (1, 2, 3)]
+    assert [(o["eval/x"], o["eval/seconds"], o["eval/fraction"]) for o in out] == [(k, 1.0, 0.25) for k in (1, 2, 3)]
+    assert caplog.text.count("the evaluators have taken") == 0  # 25%: at the bound
+    with caplog.at_level(logging.WARNING):
+        out = [evs(k, None, train_seconds=1.0) for k in (4, 5)]
+    assert [o["eval/fraction"] for o in out] == [0.5, 0.5]
+    assert caplog.text.count("the evaluators have taken 29%") == 1  # 4 s of 14 s at step 4, said once
 
 
 def _tensorboard_images(logdir):

@@ -45,6 +45,7 @@ from anyflow_jax.errors import RunError
 log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
+WARN_FRACTION = 0.25  # warn (once) when the evaluators take more than this share of the run's time
 SAMPLES_FILE = "samples.npz"
 SHEET_FILE = "contact_sheet.png"
 
@@ -319,6 +320,8 @@ class Evaluators:
         self.evaluators = list(evaluators)
         self.every, self.total = every, total
         self.seconds = 0.0
+        self.train_seconds = 0.0
+        self.warned = False
 
     def due(self, step: int) -> bool:
         return bool(self.evaluators) and due(step, self.every, self.total)
@@ -337,10 +340,17 @@ class Evaluators:
                 out[f"eval/failed/{ev.name}"] = 1.0
         dt = time.perf_counter() - t0
         self.seconds += dt
+        self.train_seconds += train_seconds
         out["eval/seconds"] = dt
         out["eval/fraction"] = dt / max(dt + train_seconds, 1e-9)
         log.info("evaluated step %d in %.1fs (%.0f%% of the time since the last evaluation)", step, dt,
                  100 * out["eval/fraction"])
+        # the cost is bounded by the config (every, samples, step counts); say when it is large
+        total = self.seconds / max(self.seconds + self.train_seconds, 1e-9)
+        if total > WARN_FRACTION and not self.warned:
+            self.warned = True
+            log.warning("the evaluators have taken %.0f%% of the run's time so far; raise config.eval.every or "
+                        "lower config.eval.metrics_samples / config.eval.steps to make them cheaper", 100 * total)
         return out
 
 
