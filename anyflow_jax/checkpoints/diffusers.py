@@ -141,23 +141,35 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _flax_path(model: WanTransformer3D, entry: Entry) -> tuple[str, ...]:
+def layer_path(entry, scan_layers: bool, stack: str) -> tuple[str, ...]:
+    """Our parameter path of a name-table entry: a per-layer entry lives under ``stack`` (the
+    scan-stacked layers, layer index on the leading axis) or ``<stack>_<layer>`` (unrolled)."""
     if entry.layer is None:
         return entry.flax_path
-    return (("blocks",) if model.scan_layers else (f"blocks_{entry.layer}",)) + entry.flax_path
+    return ((stack,) if scan_layers else (f"{stack}_{entry.layer}",)) + entry.flax_path
+
+
+def expected_torch_shapes(model, table, stack: str, name: Callable[[Any], str]) -> dict[str, tuple[int, ...]]:
+    """PyTorch name (``name(entry)``) -> torch shape of every entry of ``table``, derived from the
+    model's abstract Flax parameters (a scan-stacked entry without its layer axis)."""
+    from flax import linen as nn
+    abstract = nn.meta.unbox(model.abstract_params())
+    out = {}
+    for e in table:
+        shape = tuple(_get(abstract, layer_path(e, model.scan_layers, stack)).shape)
+        if e.layer is not None and model.scan_layers:
+            shape = shape[1:]
+        out[name(e)] = e.transform.torch_shape(shape)
+    return out
+
+
+def _flax_path(model: WanTransformer3D, entry: Entry) -> tuple[str, ...]:
+    return layer_path(entry, model.scan_layers, "blocks")
 
 
 def _expected_shapes(model: WanTransformer3D) -> dict[str, tuple[int, ...]]:
     """diffusers name -> torch shape, derived from the Flax parameter shapes."""
-    from flax import linen as nn
-    abstract = nn.meta.unbox(model.abstract_params())
-    out = {}
-    for e in param_table(model):
-        shape = tuple(_get(abstract, _flax_path(model, e)).shape)
-        if e.layer is not None and model.scan_layers:
-            shape = shape[1:]
-        out[e.diffusers_name] = e.transform.torch_shape(shape)
-    return out
+    return expected_torch_shapes(model, param_table(model), "blocks", lambda e: e.diffusers_name)
 
 
 # ----------------------------------------------------------------------------------- reading

@@ -20,10 +20,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
-from anyflow_jax.checkpoints.diffusers import (IDENTITY, LINEAR, CheckpointError, Transform, _get, _progress, _set,
-                                               read_json_config)
+from anyflow_jax.checkpoints.diffusers import (IDENTITY, LINEAR, CheckpointError, Transform, _progress, _set,
+                                               expected_torch_shapes, layer_path, read_json_config)
 from anyflow_jax.checkpoints.diffusers import _TensorStore as _DiffusersStore
 from anyflow_jax.checkpoints.safetensors_io import SafetensorsError
 from anyflow_jax.models.umt5 import UMT5Encoder
@@ -61,21 +60,12 @@ def param_table(model: UMT5Encoder) -> list[Entry]:
 
 
 def _flax_path(model: UMT5Encoder, entry: Entry) -> tuple[str, ...]:
-    if entry.layer is None:
-        return entry.flax_path
-    return (("layers",) if model.scan_layers else (f"layers_{entry.layer}",)) + entry.flax_path
+    return layer_path(entry, model.scan_layers, "layers")
 
 
 def _expected_shapes(model: UMT5Encoder) -> dict[str, tuple[int, ...]]:
     """transformers name -> torch shape, derived from the Flax parameter shapes."""
-    abstract = nn.meta.unbox(model.abstract_params())
-    out = {}
-    for e in param_table(model):
-        shape = tuple(_get(abstract, _flax_path(model, e)).shape)
-        if e.layer is not None and model.scan_layers:
-            shape = shape[1:]
-        out[e.torch_name] = e.transform.torch_shape(shape)
-    return out
+    return expected_torch_shapes(model, param_table(model), "layers", lambda e: e.torch_name)
 
 
 # ----------------------------------------------------------------------------------- reading
