@@ -77,3 +77,53 @@ def test_consistency_sampler():
     # and a different key gives a different sample
     other = sampling.consistency_sample(apply, None, noise, key=jax.random.key(2), num_steps=4)
     assert float(jnp.mean(jnp.abs(other - four))) > 0.1
+
+
+def test_continuous_consistency_loss_vanishes_for_the_exact_consistency_function():
+    """With the teacher's exact velocity and the exact flow map to 0, the tangent df/dt is 0."""
+    x0 = GAUSS.sample(jax.random.key(3), (16, 2, 3))
+    apply = exact_apply(GAUSS)
+
+    def teacher(params, z, t, r, context):
+        return GAUSS.velocity(z, t)
+    for c in (0.0, 0.1):
+        loss, m = jax.jit(lambda x: losses.continuous_consistency_loss(
+            apply, None, teacher, None, {"x0": x}, jax.random.key(4), shift=1.0, tangent_normalization=c))(x0)
+        assert float(loss) < 1e-9, (c, float(loss))
+    # a wrong teacher (the data velocity of another distribution) gives a clearly non-zero loss
+    loss, _ = losses.continuous_consistency_loss(apply, None, lambda p, z, t, r, c: 0.5 * GAUSS.velocity(z, t),
+                                                 None, {"x0": x0}, jax.random.key(4), shift=1.0,
+                                                 tangent_normalization=0.0)
+    assert float(loss) > 1e-2
+
+
+def test_continuous_consistency_target_is_the_flow_map_identity_at_r0():
+    """Without tangent normalisation the loss is the stage-1 flow-map loss with r = 0 everywhere,
+    the teacher's velocity as the path velocity, no guidance fusion, dropout or rescaling; with
+    it, each sample's loss is (rms / (rms + c))^2 of its tangent."""
+    b, f, d = 4, 2, 3
+    ks = jax.random.split(jax.random.key(5), 5)
+    x0 = jax.random.normal(ks[0], (b, f, d))
+    eps = jax.random.normal(ks[1], (b, f, d))
+    t = jnp.repeat(jax.random.uniform(ks[2], (b, 1), minval=0.1, maxval=0.9), f, axis=1)
+    ctx = jax.random.normal(ks[3], (b, d))
+    params = {"a": jnp.float32(0.7), "b": jnp.float32(-0.4)}
+    teacher_p = jnp.float32(1.3)
+    batch = {"x0": x0, "eps": eps, "t": t, "context": ctx}
+    ct, _ = losses.continuous_consistency_loss(_student, params, _teacher, teacher_p, batch, ks[4],
+                                               tangent_normalization=0.0)
+    fm, _ = losses.flow_map_loss(_student, params, dict(batch, r=jnp.zeros_like(t)), ks[4], diffusion_ratio=0.0,
+                                 consistency_ratio=1.0, derivative="jvp", fuse_guidance_scale=1.0, text_dropout=0.0,
+                                 weighting="uniform", adaptive_rescale=False,
+                                 velocity_fn=lambda z, tt, c: _teacher(teacher_p, z, tt, tt, c))
+    np.testing.assert_allclose(float(ct), float(fm), rtol=1e-6)
+    # closed form of the normalised loss: the tangent g = v - u - t du/dt of this linear student
+    z = schedule.add_noise(x0, eps, t)
+    v = _teacher(teacher_p, z, t, t, ctx)
+    u = _student(params, z, t, 0 * t, ctx)
+    g = np.asarray(v - u - t[..., None] * (params["a"] * v + params["b"]))
+    rms = np.sqrt(np.mean(g ** 2, axis=(1, 2)))
+    want = np.mean((rms / (rms + 0.1)) ** 2)
+    got, _ = losses.continuous_consistency_loss(_student, params, _teacher, teacher_p, batch, ks[4])
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert abs(float(ct) - np.mean(rms ** 2)) < 1e-4 * float(ct)
