@@ -15,8 +15,8 @@ stage           objective (``anyflow_jax.losses``)          networks
 ``on_policy``   ``onpolicy_generator_loss`` (stage 2:       trained student, frozen teacher (real
                 backward simulation + DMD + stage-1 loss)   score), trained critic (fake score)
                 and ``onpolicy_critic_loss``
-``consistency`` ``consistency_loss`` (baseline)             trained student, its EMA as target,
-                                                            frozen teacher
+``consistency`` ``consistency_distillation_loss``           trained student, its EMA as target
+                (baseline; discrete or continuous time)     (discrete time), frozen teacher
 ==============  ==========================================  =====================================
 
 This module imports the losses and the flow math only: sampling and inference use it without
@@ -124,8 +124,8 @@ def single_network(loss_fn) -> Objective:
 
 
 def _consistency_objective(nets, batch, key, options):
-    return losses.consistency_loss(nets.student_apply, nets.student_params, nets.ema_params, nets.teacher_apply,
-                                   nets.teacher_params, batch, key, **options)
+    return losses.consistency_distillation_loss(nets.student_apply, nets.student_params, nets.ema_params,
+                                                nets.teacher_apply, nets.teacher_params, batch, key, **options)
 
 
 def _onpolicy_objective(nets, batch, key, options):
@@ -296,7 +296,7 @@ register(Stage(
     description="stage 2: Flow Map Backward Simulation + DMD against the teacher, co-trained stage-1 loss; critic"))
 
 register(Stage(
-    name="consistency", objective=_consistency_objective, loss_fn=losses.consistency_loss,
+    name="consistency", objective=_consistency_objective, loss_fn=losses.consistency_distillation_loss,
     sampler="consistency", eval_name="consistency", needs_teacher=True,
     starts_from={"student": "teacher", "teacher": "teacher"},
     loss_defaults=dict(num_discretization_steps=32, shift=5.0, teacher_guidance_scale=3.0),

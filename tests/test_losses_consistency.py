@@ -127,3 +127,21 @@ def test_continuous_consistency_target_is_the_flow_map_identity_at_r0():
     got, _ = losses.continuous_consistency_loss(_student, params, _teacher, teacher_p, batch, ks[4])
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     assert abs(float(ct) - np.mean(rms ** 2)) < 1e-4 * float(ct)
+
+
+def test_consistency_stage_selects_the_continuous_time_loss():
+    from anyflow_jax import stages
+    record = stages.get("consistency")
+    opts = record.loss_options({"continuous_time": True, "tangent_normalization": 0.0, "shift": 1.0})
+    b, f, d = 2, 2, 3
+    ks = jax.random.split(jax.random.key(9), 3)
+    batch = {"x0": jax.random.normal(ks[0], (b, f, d)), "context": jax.random.normal(ks[1], (b, d))}
+    params = {"a": jnp.float32(0.5), "b": jnp.float32(0.2)}
+    nets = stages.Networks(student_apply=_student, student_params=params, ema_params=params, teacher_apply=_teacher,
+                           teacher_params=jnp.float32(1.1))
+    got, _ = record.objective(nets, batch, ks[2], opts)
+    want, _ = losses.continuous_consistency_loss(_student, params, _teacher, jnp.float32(1.1), batch, ks[2],
+                                                 tangent_normalization=0.0, shift=1.0)
+    assert float(got) == float(want)
+    disc, _ = record.objective(nets, batch, ks[2], record.loss_options({"shift": 1.0}))
+    assert float(disc) != float(got)  # the default stays the discrete-time loss

@@ -6,7 +6,7 @@ with ``r = t``), parameter pytree(s), a batch dict, a PRNG key and keyword optio
 ``(loss scalar, metrics dict)``. Nothing here knows about Wan. See docs/losses.md.
 """
 from anyflow_jax.losses.backward_simulation import DEFAULT_STEPS_LIST, backward_simulation, draw_steps
-from anyflow_jax.losses.consistency import consistency_loss, continuous_consistency_loss
+from anyflow_jax.losses.consistency import consistency_distillation_loss, consistency_loss, continuous_consistency_loss
 from anyflow_jax.losses.dmd import critic_loss, dmd_loss, sample_dmd_time
 from anyflow_jax.losses.flow_map import (
     CONSISTENCY,
@@ -21,7 +21,7 @@ from anyflow_jax.losses.flow_matching import flow_matching_loss, sample_flow_mat
 from anyflow_jax.losses.onpolicy import onpolicy_critic_loss, onpolicy_generator_loss
 
 __all__ = [
-    "continuous_consistency_loss",
+    "continuous_consistency_loss", "consistency_distillation_loss",
     "flow_matching_loss",
     "flow_map_loss",
     "flow_map_target",

@@ -162,3 +162,33 @@ def continuous_consistency_loss(
     loss = jnp.mean(per_sample)
     return loss, {"loss": loss, "t_mean": jnp.mean(t),
                   "tangent_rms": jnp.mean(jnp.sqrt(per_sample))}
+
+
+def consistency_distillation_loss(
+    apply_fn: C.ApplyFn,
+    params: Any,
+    target_params: Any,
+    teacher_apply: C.ApplyFn,
+    teacher_params: Any,
+    batch: Mapping[str, Any],
+    key: jax.Array,
+    *,
+    continuous_time: bool = False,
+    num_discretization_steps: int = 32,
+    shift: float = schedule.DEFAULT_SHIFT,
+    teacher_guidance_scale: float = 1.0,
+    derivative: str = "jvp",
+    delta: float = 0.005,
+    tangent_normalization: float = 0.1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The consistency baseline's loss: :func:`consistency_loss` (discrete time, against
+    ``target_params``; uses ``num_discretization_steps``) or, with ``continuous_time``,
+    :func:`continuous_consistency_loss` (uses ``derivative``, ``delta``,
+    ``tangent_normalization``; no target network)."""
+    if continuous_time:
+        return continuous_consistency_loss(apply_fn, params, teacher_apply, teacher_params, batch, key, shift=shift,
+                                           teacher_guidance_scale=teacher_guidance_scale, derivative=derivative,
+                                           delta=delta, tangent_normalization=tangent_normalization)
+    return consistency_loss(apply_fn, params, target_params, teacher_apply, teacher_params, batch, key,
+                            num_discretization_steps=num_discretization_steps, shift=shift,
+                            teacher_guidance_scale=teacher_guidance_scale)
