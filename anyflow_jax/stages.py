@@ -299,7 +299,8 @@ register(Stage(
     name="consistency", objective=_consistency_objective, loss_fn=losses.consistency_distillation_loss,
     sampler="consistency", eval_name="consistency", needs_teacher=True,
     starts_from={"student": "teacher", "teacher": "teacher"},
-    loss_defaults=dict(num_discretization_steps=32, shift=5.0, teacher_guidance_scale=3.0),
+    loss_defaults=dict(num_discretization_steps=32, shift=5.0, teacher_guidance_scale=3.0, continuous_time=False,
+                       derivative="jvp", delta=0.005, tangent_normalization=0.1),
     # not part of the reference: an rCM-style comparison model, trained like stage 2
     config_defaults={"optim.lr": 2e-6, "optim.b1": 0.0, "optim.b2": 0.999, "optim.warmup_steps": 0,
                      "ema.decay": 0.99, "ema.warmup_steps": 200},
