@@ -3,8 +3,10 @@
 Every attention call in the networks goes through :func:`dot_product_attention`, so switching
 kernels is a config change (``model.attention_impl``):
 
-- ``"xla"`` (default): plain einsum + softmax in fp32 logits. Runs everywhere, supports
-  forward-mode AD (``jax.jvp``), which the exact-derivative stage-1 loss needs.
+- ``"xla"`` (default): plain XLA (einsums, fp32 logits and softmax) over blocks of queries,
+  each rematerialised in the backward pass, with a flash-attention derivative (see below).
+  Runs everywhere, supports forward-mode AD (``jax.jvp``), which the exact-derivative stage-1
+  loss needs.
 - ``"jax"``: ``jax.nn.dot_product_attention`` with ``implementation=None`` (XLA's fused
   attention where available).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` - flash attention on
@@ -32,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ("xla", "jax", "cudnn", "splash")
@@ -134,16 +137,85 @@ def _dense_mask_jnp(mask: AttentionMask, q_len: int, kv_len: int):
 
 
 # ------------------------------------------------------------------------------ xla / jax
-def _xla_attention(q, k, v, scale, mask=None):
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * scale
+# The ``xla`` path is written for XLA:CPU (where the toy runs, the tests and the benchmarks) and
+# stays plain XLA for every backend:
+# - heads-major blocks of queries: logits of ``XLA_BLOCK_ELEMENTS`` elements at most per step of a
+#   ``lax.map`` over query blocks (batch and heads stay vectorised, so their shardings survive),
+#   each rematerialised in the backward pass (``jax.checkpoint`` keeping only the block's output):
+#   the (Lq, Lk) probabilities are never stored, and every block's softmax stays in cache (the
+#   backward pass recomputes ``q k^T`` once more: 5 attention matmuls instead of 4);
+# - a ``custom_jvp`` softmax-attention core whose tangent rule is the flash-attention derivative:
+#   its transpose (reverse mode) is ``dS = E * (dO v^T - rowsum(dO * O)) / l`` with the
+#   unnormalised ``E = exp(S - max)`` and the row sums ``l``, one pass over the logits instead of
+#   the several that differentiating ``softmax`` gives; forward-mode AD (``jax.jvp``) works;
+# - the logit scale folded into q (Lq x Dh multiplies instead of Lq x Lk).
+# docs/benchmarks.md has the measurements behind these choices.
+XLA_BLOCK_ELEMENTS = 1 << 21  # logits per query block (B x H x block_q x Lk), 8 MiB in fp32
+_BLOCK_OUT = "xla_attention_block_out"
+
+
+def _attention_stats(q, k, v, keep):
+    """q ``(..., Lq, D)``, k/v ``(..., Lk, D)`` heads-major; ``keep`` a boolean mask broadcasting
+    to ``(..., Lq, Lk)`` or None. Returns the output (fp32), ``E = exp(S - max)`` and ``1/l``."""
+    s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+    if keep is not None:
+        s = jnp.where(keep, s, jnp.finfo(jnp.float32).min)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - m)
+    inv = 1.0 / jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("...qk,...kd->...qd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) * inv
+    return o, e, inv
+
+
+@jax.custom_jvp
+def _attention_core(q, k, v, keep):
+    return _attention_stats(q, k, v, keep)[0]
+
+
+@_attention_core.defjvp
+def _attention_core_jvp(primals, tangents):
+    q, k, v, keep = primals
+    dq, dk, dv, _ = tangents
+    o, e, inv = _attention_stats(q, k, v, keep)
+    o = checkpoint_name(o, _BLOCK_OUT)  # kept for the backward pass; S and E are recomputed
+    f32 = dict(preferred_element_type=jnp.float32)
+    # dS = dq k^T + q dk^T;  dP = P * (dS - rowsum(P * dS));  dO = dP v + P dv, with P = E / l
+    ds = jnp.einsum("...qd,...kd->...qk", dq, k, **f32) + jnp.einsum("...qd,...kd->...qk", q, dk, **f32)
+    eds = e * ds
+    r = jnp.sum(eds, axis=-1, keepdims=True) * inv
+    do = (jnp.einsum("...qk,...kd->...qd", eds.astype(v.dtype), v, **f32)
+          + jnp.einsum("...qk,...kd->...qd", e.astype(dv.dtype), dv, **f32)) * inv - r * o
+    return o, do
+
+
+def _xla_attention(q, k, v, scale, mask=None, block_elements: int | None = None):
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
     if mask is not None:
-        keep = _dense_mask_jnp(mask, q.shape[1], k.shape[1])
-        logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
+        mask.validate(lq, lk)
+    qt = jnp.swapaxes((q.astype(jnp.float32) * scale).astype(q.dtype), 1, 2)  # (B, H, Lq, D)
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    budget = XLA_BLOCK_ELEMENTS if block_elements is None else block_elements
+    nq = -(-lq // max(1, budget // max(1, b * h * lk)))
+    bq = -(-lq // nq)  # balanced blocks; the last is padded
+
+    def block(qb, q_ids):  # qb (B, H, bq, D), q_ids (bq,)
+        keep = None
+        if mask is not None:
+            kv_ids = jnp.arange(lk, dtype=jnp.int32)[None, :]
+            keep = mask.allowed(q_ids[:, None], kv_ids) | (q_ids[:, None] >= lq)  # padded rows: any key
+        return _attention_core(qb, kt, vt, keep)
+
+    block = jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(_BLOCK_OUT))
+    if nq == 1:
+        out = block(qt, jnp.arange(lq, dtype=jnp.int32))
+    else:
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, nq * bq - lq), (0, 0)))
+        qb = jnp.moveaxis(qt.reshape(b, h, nq, bq, d), 2, 0)
+        ids = jnp.arange(nq * bq, dtype=jnp.int32).reshape(nq, bq)
+        out = jax.lax.map(lambda a: block(*a), (qb, ids))  # (nq, B, H, bq, D)
+        out = jnp.moveaxis(out, 0, 2).reshape(b, h, nq * bq, d)[:, :, :lq]
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------------- splash

@@ -93,8 +93,19 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(kinit, self.names),
                             (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", _zeros((self.names[1],)), (self.features,), jnp.float32)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y + bias.astype(self.dtype)
+        return _dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
+def _dense(x, kernel, bias):
+    """``x @ kernel + bias`` over the last axis, as one 2-D matmul on ``(tokens, features)``.
+
+    Written as ``einsum('...i,io->...o')``, the kernel's gradient is a dot contracting two axes
+    (batch and tokens) that XLA:CPU lowers with a transposed copy of the output gradient and a
+    slower matmul path; on the flattened 2-D view it is a plain ``x^T @ dy`` (see
+    docs/benchmarks.md). The values are the same."""
+    lead = x.shape[:-1]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel) + bias
+    return y.reshape(lead + (kernel.shape[-1],))
 
 
 def _layer_norm(x, eps, scale=None, bias=None):
