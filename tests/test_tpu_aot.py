@@ -2,6 +2,7 @@
 steps (generator and critic, through the trainer's own compile_steps) and its 4-step sampler are
 compiled with splash attention for a 4-chip v5p slice on this CPU machine, and the compiler's
 memory analysis must be present and positive. Needs libtpu (requirements-test.txt; `pip install -e .[tpu]`)."""
+import json
 import os
 
 import jax
@@ -30,7 +31,7 @@ def test_topology_names():
     chip, name = aot.parse_topology("v5p:2x2x1")
     assert name == "v5p:2x2x1" and chip.hbm_bytes == 95 * aot.GiB
     for bad, words in (("v5p-6", "power-of-two"), ("v9x-8", "unknown TPU generation"), ("v5p-3", "TensorCores"),
-                       ("tpu", "expected e.g."), ("v6e:2x2x2", "2 dimensions")):
+                       ("tpu", "expected e.g."), ("v6e:2x2x2", "2 dimensions"), ("v5p-x8", "expected a size")):
         with pytest.raises(RunError, match=words):
             aot.parse_topology(bad)
 
@@ -44,6 +45,19 @@ def test_jaxpr_dot_flops_counts_scans_and_the_largest_branch():
     x, w = jnp.zeros((3, 4)), jnp.zeros((4, 4))
     per_matmul = 2 * 3 * 4 * 4
     assert aot.jaxpr_dot_flops(jax.make_jaxpr(f)(x, w).jaxpr) == (5 + 2) * per_matmul
+
+
+def test_matmuls_inside_pallas_kernels_can_be_left_out_of_the_count():
+    """XLA's cost analysis counts a Pallas kernel as zero FLOPs; ``kernels=False`` counts the same
+    way, so the xla-attention count minus it is the kernel's share (aot.kernel_flops)."""
+    from anyflow_jax.models import attention
+    b, s, h, d = 1, 256, 2, 128
+    q = jax.ShapeDtypeStruct((b, s, h, d), jnp.float32)
+    xla = jax.make_jaxpr(lambda q, k, v: attention._xla_attention(q, k, v, 0.1))(q, q, q).jaxpr
+    splash = jax.make_jaxpr(lambda q, k, v: attention._splash_attention(q, k, v, 0.1))(q, q, q).jaxpr
+    assert aot.jaxpr_dot_flops(xla) == 4 * b * h * s * s * d  # q k^T and p v
+    assert aot.jaxpr_dot_flops(splash, kernels=False) == 0
+    assert aot.jaxpr_dot_flops(splash) > 0  # the kernel body is a jaxpr with matmuls
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +83,8 @@ def test_on_policy_steps_and_sampler_compile_for_tpu_without_a_tpu(tiny_on_polic
     # the analytic count of the generator step only (tracing the critic's too adds ~5 s)
     analytic = aot.analytic_flops(run, batch, programs=("generator",))["generator"]
     executed = aot.analytic_flops(run, batch, remat=True, programs=("generator",))["generator"]
+    kernel = aot.kernel_flops(run, batch, programs=("generator",))["generator"]
+    assert 0 < kernel < executed  # the splash kernels' matmuls, which the compiler counts as zero
     for name, program in (("generator", compiled.generator), ("critic", compiled.critic)):
         counts = dict(analytic=analytic, executed=executed) if name == "generator" else {}
         rep = aot.step_report(name, program, chip, num_chips=4, **counts)
@@ -111,3 +127,104 @@ def test_largest_arrays_of_a_lowered_program_name_their_jax_op():
     rows = aot.hlo_largest_arrays(lowered.as_text(dialect="hlo", debug_info=True), 2)
     assert rows[0]["shape"] == "f32[64,64]" and rows[0]["bytes"] == 64 * 64 * 4
     assert rows[0]["source"].endswith(("dot_general", "tanh"))
+
+
+def test_slice_names_of_a_generation_smallest_first():
+    assert aot.slice_names("v5p", 64) == ["v5p-8", "v5p-16", "v5p-32", "v5p-64", "v5p-128"]
+    assert aot.slice_names("v6e", 16) == ["v6e-1", "v6e-4", "v6e-8", "v6e-16"]
+    assert [aot.parse_topology(n)[1] for n in aot.slice_names("v6e", 8)] == ["v6e:1x1", "v6e:2x2", "v6e:2x4"]
+    with pytest.raises(RunError, match="unknown TPU generation"):
+        aot.slice_names("v9x")
+
+
+@pytest.mark.slow
+def test_loop_corrected_flops_match_a_fully_unrolled_compile():
+    """The extrapolation from 1 and 2 unscanned layers (every scan unrolled) gives the compiler's
+    FLOPs of the whole program: equal, within 3%, to compiling the 4-layer model unrolled, and
+    about 4x (layers) the scanned program's count, on CPU."""
+    c = toy_config("teacher")
+    c.data.global_batch_size = 2
+    devices = jax.devices()[:1]
+    run = aot.abstract_run(c, devices)
+    assert run.nets.student.num_layers == 4 and run.nets.student.scan_layers
+    corrected = aot.loop_corrected_costs(c, devices, global_batch=2, sampler_steps=3)
+    assert set(corrected) == {"generator", "sampler"}
+    full = aot.abstract_run(aot.layer_variant(c, 4), devices)
+    assert not full.nets.student.scan_layers and full.nets.student.num_layers == 4
+    scan = jax.lax.scan
+    with aot.unrolled_scans():
+        assert jax.lax.scan is not scan
+        gen = aot.compile_train(full, aot.abstract_batch(full, 2)).generator
+        sampler, _, _ = aot.compile_sampler(full, steps=3, global_batch=2)
+    assert jax.lax.scan is scan  # the patch is undone
+    for name, program in (("generator", gen), ("sampler", sampler)):
+        want = aot.cost_report(program)["flops"]
+        assert corrected[name]["flops"] == pytest.approx(want, rel=0.03), name
+    scanned = aot.cost_report(aot.compile_train(run, aot.abstract_batch(run, 2)).generator)["flops"]
+    assert corrected["generator"]["flops"] > 2.5 * scanned  # the scanned layers were counted once
+    # and the corrected count agrees with the traced model FLOPs (no remat in the toy config)
+    analytic = aot.analytic_flops(run, aot.abstract_batch(run, 2), programs=("generator",))["generator"]
+    assert 1.0 < corrected["generator"]["flops"] / analytic < 1.3
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
+
+
+def _tool(*args):
+    import subprocess
+    import sys
+    env = dict(os.environ, TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, env=env, cwd=ROOT, check=False,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_cli_searches_the_smallest_slice_and_reports_memory_and_flops(tmp_path):
+    """`--topology v5p` (no size) tries v5p-8 (4 chips: the config's 8-way data mesh does not fit
+    on it, skipped) then v5p-16, which fits; the JSON has every program's memory and FLOPs."""
+    out = tmp_path / "aot.json"
+    p = _tool("--config", "configs/toy.py:teacher", "--topology", "v5p", "--max_chips", "16", "--sampler_steps", "2",
+              "--config.mesh.data=8", "--config.mesh.fsdp=1", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [t["topology"] for t in result["search"]] == ["v5p-8", "v5p-16"]
+    assert not result["search"][0]["fits"] and "8 devices, have 4" in result["search"][0]["why"]
+    assert result["smallest_slice"] == "v5p-16" and result["search"][1]["fits"]
+    assert result["run"]["chips"] == 8 and result["run"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    reports = {r["kind"]: r for r in result["reports"]}
+    assert set(reports) == {"generator", "sampler"}
+    for kind, r in reports.items():
+        for field in ("argument", "output", "temp", "peak"):
+            assert r["memory"][field] > 0, (kind, field)
+        assert r["fits"] and 0 < r["required_bytes"] < r["hbm_bytes"] == 95 * aot.GiB
+        assert r["flops"] > 0 and r["analytic_flops"] > 0 and r["roofline_s"] > 0
+        # every loop counted: the 4 scanned layers (and the sampler's 2 steps) were counted once
+        assert r["loop_corrected_flops"] > 2.5 * r["flops"], kind
+        assert r["kernel_flops"] == 0 and r["compiler_flops"] == r["loop_corrected_flops"]  # xla attention
+        assert 1.0 < r["compiler_over_analytic"] < 1.3, kind  # no remat in the toy config
+    assert "smallest v5p slice" in p.stdout and "v5p-8: skipped" in p.stdout
+
+
+@pytest.mark.parametrize("topology, words", [("v9x-8", "unknown TPU generation 'v9x'"),
+                                             ("v9x", "unknown TPU generation"),
+                                             ("v5p-6", "power-of-two"), ("v5p-big", "expected a size")])
+def test_cli_bad_topology_is_one_error_line(topology, words):
+    p = _tool("--config", "configs/toy.py:teacher", "--topology", topology)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0] and topology in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_vae_decode_compiles_for_one_tpu_chip():
+    chip, devices = aot.topology_devices(TOPOLOGY)
+    compiled, model, (params, z) = aot.compile_vae_decode(devices[0], latent_shape=(2, 8, 8))
+    assert z.shape == (1, 2, 8, 8, model.z_dim) and devices[0].platform == "tpu"
+    rep = aot.step_report("vae decode", compiled, chip)
+    assert all(rep["memory"][f] > 0 for f in ("argument", "output", "temp")) and rep["fits"]
+    assert rep["memory"]["output"] >= 5 * 64 * 64 * 3 * 4  # 1 + 4 frames of 64x64 RGB, fp32
+    # the decoder's fp32 parameters are arguments; the encoder's (unused by decode) are not
+    decoder = 4 * sum(x.size for x in jax.tree_util.tree_leaves(params["decoder"]))
+    assert decoder <= rep["memory"]["argument"] < 4 * sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -15,8 +15,18 @@ network call the stage makes. Scans count ``length`` times; of the branches of a
 largest counts (every conditional transition of the backward simulation's rollout is taken), so
 for stages with data-dependent branches the analytic count is the worst case.
 
+XLA's cost analysis counts the body of a loop once (the scanned layers, the rollout's
+transitions, the sampler's steps) and a Pallas kernel as zero FLOPs. :func:`loop_corrected_costs`
+counts every iteration: the same programs compiled with 1 and 2 unscanned layers and every
+``lax.scan`` unrolled (:func:`unrolled_scans`), extrapolated linearly to the real layer count;
+:func:`kernel_flops` adds the matmuls inside the kernels (the count with ``xla`` attention minus
+the count with the kernels left out). The run is built by the trainer's own functions
+(:func:`~anyflow_jax.training.loop.make_run_mesh`, :func:`~anyflow_jax.training.loop.abstract_networks`,
+:func:`~anyflow_jax.training.loop.derive_layout`).
+
 Library entry points: :func:`abstract_run`, :func:`abstract_batch`, :func:`compile_train`,
-:func:`compile_sampler`, :func:`step_report`. ``tools/aot_compile.py`` is the command line.
+:func:`compile_sampler`, :func:`step_report`, :func:`loop_corrected_costs`, :func:`slice_names`.
+``tools/aot_compile.py`` is the command line.
 """
 from __future__ import annotations
 
@@ -85,6 +95,9 @@ def parse_topology(name: str) -> tuple[ChipSpec, str]:
     if gen not in CHIPS:
         raise RunError(f"topology {name!r}: unknown TPU generation {m.group(1)!r} (known: {', '.join(CHIPS)})")
     chip = CHIPS[gen]
+    if not re.fullmatch(r"\d+(x\d+)*", rest):
+        raise RunError(f"topology {name!r}: expected a size ('{gen}-8') or a chip grid ('{gen}:2x2"
+                       f"{'x1' if chip.ndim == 3 else ''}')")
     if "x" in rest:
         dims = tuple(int(d) for d in rest.split("x"))
         if len(dims) != chip.ndim:
@@ -93,8 +106,27 @@ def parse_topology(name: str) -> tuple[ChipSpec, str]:
         count = int(rest)
         if count % chip.cores_per_chip:
             raise RunError(f"topology {name!r}: {gen}-N counts TensorCores ({chip.cores_per_chip} per chip)")
-        dims = _grid(count // chip.cores_per_chip, chip.ndim)
+        try:
+            dims = _grid(count // chip.cores_per_chip, chip.ndim)
+        except RunError as e:
+            raise RunError(f"topology {name!r}: {e}") from None
     return chip, f"{gen}:{'x'.join(str(d) for d in dims)}"
+
+
+SMALLEST_SLICE_CHIPS = {"v4": 4, "v5p": 4, "v5e": 1, "v6e": 1}  # the smallest slice Cloud TPU offers
+
+
+def slice_names(generation: str, max_chips: int = 1024) -> list[str]:
+    """Cloud TPU slice names of ``generation`` (``"v5p"``, ``"v6e"``...), smallest first, up to
+    ``max_chips`` chips: ``v5p-8, v5p-16, ...`` (TensorCores) or ``v6e-1, v6e-4, v6e-8, ...`` (chips)."""
+    gen = _ALIASES.get(generation.strip().lower(), generation.strip().lower())
+    if gen not in CHIPS:
+        raise RunError(f"topology {generation!r}: unknown TPU generation (known: {', '.join(CHIPS)})")
+    chip, chips, out = CHIPS[gen], SMALLEST_SLICE_CHIPS[gen], []
+    while chips <= max_chips:
+        out.append(f"{gen}-{chips * chip.cores_per_chip}")
+        chips *= 4 if chips == 1 else 2  # 1, 4, 8, 16, ... (no 2-chip slices)
+    return out
 
 
 def topology_devices(name: str, slices: int = 1) -> tuple[ChipSpec, list]:
@@ -231,17 +263,47 @@ def compile_sampler(run, *, steps: int = 4, global_batch: int | None = None, gui
     return compiled, fn, args
 
 
-def sampler_analytic_flops(run, args, *, steps: int = 4, guidance: float | None = None, shift: float = 5.0) -> float:
+def sampler_analytic_flops(run, args, *, steps: int = 4, guidance: float | None = None, shift: float = 5.0,
+                           attention: str | None = "xla", kernels: bool = True) -> float:
     """Model FLOPs (all chips) of the sampler :func:`compile_sampler` compiled, counted on its
-    matmuls with ``attention_impl='xla'`` (``args``: the abstract inputs it returned)."""
+    matmuls with ``attention_impl='xla'`` (``args``: the abstract inputs it returned);
+    ``attention=None``/``kernels=False`` as in :func:`analytic_flops`."""
     from anyflow_jax import stages
     from anyflow_jax.inference import Generator
     kind = sampler_kind(run)
-    gen = Generator(kind=kind, stage=run.record.name, model=run.nets.student.clone(attention_impl="xla"),
-                    params=None, path="<deviceless>", data={}, shift=shift)
+    model = run.nets.student.clone(attention_impl=attention) if attention is not None else run.nets.student
+    gen = Generator(kind=kind, stage=run.record.name, model=model, params=None, path="<deviceless>", data={},
+                    shift=shift)
     g = stages.get_sampler(kind).default_guidance if guidance is None else float(guidance)
     strip = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
-    return jaxpr_dot_flops(jax.make_jaxpr(gen._fn(int(steps), g))(*strip(args)).jaxpr)
+    return jaxpr_dot_flops(jax.make_jaxpr(gen._fn(int(steps), g))(*strip(args)).jaxpr, kernels=kernels)
+
+
+def sampler_kernel_flops(run, args, *, steps: int = 4) -> float:
+    """The sampler's matmul FLOPs inside Pallas kernels (see :func:`kernel_flops`)."""
+    if run.nets.student.attention_impl != "splash":
+        return 0.0
+    return (sampler_analytic_flops(run, args, steps=steps)
+            - sampler_analytic_flops(run, args, steps=steps, attention=None, kernels=False))
+
+
+def compile_vae_decode(device, *, latent_shape: Sequence[int] = WAN_480P_LATENTS, batch: int = 1,
+                       chunk: int | None = 1, dtype=jnp.float32):
+    """The Wan2.1 VAE's decode (``WanVAE.decode``: first latent frame alone, the rest scanned in
+    steps of ``chunk`` latent frames) compiled for one TPU chip ``device``, on latents
+    ``(batch,) + latent_shape`` and fp32 parameters. Returns ``(compiled, model, args)``."""
+    from flax import linen as nn
+    from anyflow_jax.models.wan_vae import WanVAE
+    model = WanVAE(dtype=dtype)  # the defaults are Wan2.1's widths
+    mesh = jax.sharding.Mesh(np.asarray([device]), ("x",))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=rep),
+                                    nn.meta.unbox(model.abstract_params()))
+    z = jax.ShapeDtypeStruct((int(batch),) + tuple(latent_shape[:3]) + (model.z_dim,), jnp.float32, sharding=rep)
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="decode", chunk=chunk))
+    with jax.set_mesh(mesh):
+        compiled = fn.lower(params, z).compile()
+    return compiled, model, (params, z)
 
 
 # ----------------------------------------------------------------------------------- analysis
@@ -276,9 +338,10 @@ def _subjaxprs(params):
                 yield x
 
 
-def jaxpr_dot_flops(jaxpr) -> float:
+def jaxpr_dot_flops(jaxpr, *, kernels: bool = True) -> float:
     """FLOPs (2 per multiply-add) of the ``dot_general``s of a jaxpr, scans times their length,
-    the largest branch of each ``cond``; a ``while`` body counts once."""
+    the largest branch of each ``cond``; a ``while`` body counts once. ``kernels=False`` leaves
+    out Pallas kernels (``pallas_call``), whose FLOPs XLA's cost analysis does not see."""
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -287,23 +350,28 @@ def jaxpr_dot_flops(jaxpr) -> float:
             lhs = eqn.invars[0].aval.shape
             contract = math.prod(lhs[i] for i in lc)
             total += 2.0 * contract * math.prod(eqn.outvars[0].aval.shape)
+        elif name == "pallas_call" and not kernels:
+            continue
         elif name == "scan":
-            total += eqn.params["length"] * jaxpr_dot_flops(eqn.params["jaxpr"].jaxpr)
+            total += eqn.params["length"] * jaxpr_dot_flops(eqn.params["jaxpr"].jaxpr, kernels=kernels)
         elif name == "cond":
-            total += max(jaxpr_dot_flops(b.jaxpr) for b in eqn.params["branches"])
+            total += max(jaxpr_dot_flops(b.jaxpr, kernels=kernels) for b in eqn.params["branches"])
         else:
-            total += sum(jaxpr_dot_flops(j) for j in _subjaxprs(eqn.params))
+            total += sum(jaxpr_dot_flops(j, kernels=kernels) for j in _subjaxprs(eqn.params))
     return total
 
 
-def analytic_flops(run, batch, *, remat: bool = False,
-                   programs: Sequence[str] = ("generator", "critic")) -> dict[str, float]:
+def analytic_flops(run, batch, *, remat: bool = False, programs: Sequence[str] = ("generator", "critic"),
+                   attention: str | None = "xla", kernels: bool = True) -> dict[str, float]:
     """FLOPs (whole step, all chips) of each step of the stage, counted on the matmuls of the
     step traced with ``attention_impl='xla'`` (attention in a Pallas kernel is counted too) and
     ``remat_policy='none'`` (the model FLOPs: forward and backward of every network call), or
-    with the config's remat policy when ``remat`` (adds the rematerialised forwards)."""
+    with the config's remat policy when ``remat`` (adds the rematerialised forwards).
+    ``attention=None`` traces the config's attention; ``kernels=False`` leaves Pallas kernels out."""
     from anyflow_jax.training import loop, steps
-    plain = {"attention_impl": "xla"} if remat else {"remat_policy": "none", "attention_impl": "xla"}
+    plain = {} if remat else {"remat_policy": "none"}
+    if attention is not None:
+        plain["attention_impl"] = attention
     spec = dataclasses.replace(
         run.spec, student=run.spec.student.clone(**plain),
         teacher=run.spec.teacher.clone(**plain) if run.spec.teacher is not None else None)
@@ -312,10 +380,23 @@ def analytic_flops(run, batch, *, remat: bool = False,
     args = (strip(state), strip(frozen), strip(batch))
     out = {}
     if "generator" in programs:
-        out["generator"] = jaxpr_dot_flops(jax.make_jaxpr(steps.make_generator_step(spec))(*args).jaxpr)
+        out["generator"] = jaxpr_dot_flops(jax.make_jaxpr(steps.make_generator_step(spec))(*args).jaxpr,
+                                           kernels=kernels)
     if run.record.has_critic and "critic" in programs:
-        out["critic"] = jaxpr_dot_flops(jax.make_jaxpr(steps.make_critic_step(spec))(*args).jaxpr)
+        out["critic"] = jaxpr_dot_flops(jax.make_jaxpr(steps.make_critic_step(spec))(*args).jaxpr, kernels=kernels)
     return out
+
+
+def kernel_flops(run, batch, *, programs: Sequence[str] = ("generator", "critic")) -> dict[str, float]:
+    """FLOPs (all chips) of each step's matmuls inside Pallas kernels (splash attention), which
+    XLA's cost analysis counts as zero: the step's count with ``attention_impl='xla'`` minus its
+    count as configured with the kernels left out, both with the config's remat (the forward of
+    a rematerialised kernel counts twice). Zero when the config uses no kernel."""
+    if "splash" not in {run.spec.student.attention_impl, getattr(run.spec.teacher, "attention_impl", None)}:
+        return {k: 0.0 for k in programs if k == "generator" or (k == "critic" and run.record.has_critic)}
+    xla = analytic_flops(run, batch, remat=True, programs=programs)
+    own = analytic_flops(run, batch, remat=True, programs=programs, attention=None, kernels=False)
+    return {k: xla[k] - own[k] for k in xla}
 
 
 @contextlib.contextmanager
@@ -427,32 +508,59 @@ def lowered_largest_arrays(run, batch, program: str = "generator", n: int = 8) -
 
 
 def step_report(name: str, compiled, chip: ChipSpec, *, analytic: float | None = None,
-                executed: float | None = None, num_chips: int = 1, buffers: int = 8) -> dict[str, Any]:
+                executed: float | None = None, corrected: dict[str, float] | None = None,
+                kernel: float | None = None, num_chips: int = 1, buffers: int = 8) -> dict[str, Any]:
     """Memory, cost and roofline of one compiled program on ``chip``, all per chip.
 
     ``analytic``/``executed``: the step's model FLOPs without and with rematerialisation over all
     chips (:func:`analytic_flops`), divided by ``num_chips`` here. XLA's cost analysis counts the
-    body of a loop (the scanned layers, the rollout) once, so the compiler's FLOPs and bytes are
-    lower bounds on scanned programs; the remat overhead is ``executed / analytic`` and the
-    roofline bound is ``max(FLOPs / peak, bytes accessed / bandwidth)`` with the larger of the
-    compiler's and the executed FLOPs (both lower bounds, so their maximum is one too)."""
+    body of a loop (the scanned layers, the rollout, the sampler's steps) once and a Pallas
+    kernel (splash attention) as zero FLOPs, so the compiler's own ``flops``/``bytes_accessed``
+    of a scanned program are far below its work. ``corrected`` (per chip,
+    :func:`loop_corrected_costs`): the compiler's figures with every loop counted; ``kernel``
+    (all chips, :func:`kernel_flops`): the matmul FLOPs inside Pallas kernels. Then
+    ``compiler_flops`` = corrected + kernel per chip, and ``compiler_over_analytic`` =
+    compiler_flops / analytic (without ``corrected``: the uncorrected ratio, flagged
+    ``loops_counted_once``); the remat overhead is ``executed / analytic``; the roofline bound
+    is ``max(FLOPs / peak, bytes / bandwidth)`` with the corrected figures (else with the larger
+    of the compiler's and the executed FLOPs: both lower bounds)."""
     mem = memory_report(compiled)
     cost = cost_report(compiled)
     need = max(mem["peak"], mem["argument"] + mem["output"] - mem["alias"] + mem["temp"])
     rep: dict[str, Any] = {"program": name, "memory": mem, "required_bytes": need, "hbm_bytes": chip.hbm_bytes,
                            "fits": need <= chip.hbm_bytes, "num_chips": num_chips, **cost}
-    flops = cost["flops"]
-    if analytic is not None:
-        rep["analytic_flops"] = analytic / max(num_chips, 1)
-        rep["compiler_over_analytic"] = cost["flops"] / rep["analytic_flops"] if analytic else float("nan")
-    if executed is not None:
-        rep["executed_flops"] = executed / max(num_chips, 1)
-        flops = max(flops, rep["executed_flops"])
-        if analytic:
-            rep["remat_overhead"] = executed / analytic
-    rep["roofline_s"] = max(flops / chip.peak_flops, cost["bytes_accessed"] / chip.hbm_bandwidth)
+    rep.update(flops_fields(rep, chip, num_chips, analytic=analytic, executed=executed, corrected=corrected,
+                            kernel=kernel))
     if not rep["fits"]:
         rep["largest_buffers"] = largest_buffers(compiled, buffers)
+    return rep
+
+
+def flops_fields(cost: dict[str, float], chip: ChipSpec, num_chips: int = 1, *, analytic: float | None = None,
+                 executed: float | None = None, corrected: dict[str, float] | None = None,
+                 kernel: float | None = None) -> dict[str, Any]:
+    """The FLOPs and roofline fields of :func:`step_report` from the compiler's per-chip ``cost``
+    (``flops``, ``bytes_accessed``) and the counts described there."""
+    rep: dict[str, Any] = {}
+    n = max(num_chips, 1)
+    flops, nbytes = cost["flops"], cost["bytes_accessed"]
+    if corrected is not None:
+        rep["loop_corrected_flops"] = float(corrected["flops"])
+        rep["kernel_flops"] = (kernel or 0.0) / n
+        rep["compiler_flops"] = flops = rep["loop_corrected_flops"] + rep["kernel_flops"]
+        rep["loop_corrected_bytes_accessed"] = nbytes = float(corrected["bytes_accessed"])
+    if analytic is not None:
+        rep["analytic_flops"] = analytic / n
+        rep["compiler_over_analytic"] = flops / rep["analytic_flops"] if analytic else float("nan")
+        if corrected is None:
+            rep["loops_counted_once"] = True
+    if executed is not None:
+        rep["executed_flops"] = executed / n
+        if corrected is None:
+            flops = max(flops, rep["executed_flops"])
+        if analytic:
+            rep["remat_overhead"] = executed / analytic
+    rep["roofline_s"] = max(flops / chip.peak_flops, nbytes / chip.hbm_bandwidth)
     return rep
 
 
@@ -471,9 +579,15 @@ def format_report(rep: dict[str, Any]) -> str:
              f"({100 * need / hbm:.0f}%)" + ("" if rep["fits"] else "  DOES NOT FIT"),
              f"  compiler: {rep['flops']:.3e} FLOPs, {rep['bytes_accessed']:.3e} bytes accessed "
              f"(loop bodies counted once)"]
+    if "compiler_flops" in rep:
+        lines.append(f"  compiler, every loop iteration counted (layers extrapolated, scans unrolled): "
+                     f"{rep['loop_corrected_flops']:.3e} FLOPs, {rep['loop_corrected_bytes_accessed']:.3e} bytes "
+                     f"accessed; + {rep['kernel_flops']:.3e} matmul FLOPs inside Pallas kernels (counted as 0 by "
+                     f"XLA) = {rep['compiler_flops']:.3e} FLOPs")
     if "analytic_flops" in rep:
+        what = "compiler (loops counted once)" if rep.get("loops_counted_once") else "compiler"
         lines.append(f"  analytic model FLOPs (fwd+bwd of every network call, no remat): {rep['analytic_flops']:.3e}; "
-                     f"compiler / analytic = {rep['compiler_over_analytic']:.2f}")
+                     f"{what} / analytic = {rep['compiler_over_analytic']:.2f}")
     if "executed_flops" in rep:
         lines.append(f"  with the config's remat: {rep['executed_flops']:.3e} FLOPs; remat overhead "
                      f"{rep.get('remat_overhead', float('nan')):.2f}x")
