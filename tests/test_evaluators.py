@@ -63,6 +63,7 @@ def test_samples_on_schedule_equal_the_saved_ema_weights_samples(tmp_path):
     assert "eval/seconds" not in recs[4]
 
 
+@pytest.mark.slow
 def test_a_failing_evaluator_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
     def broken(self, step, state):
         raise RuntimeError("disk full")

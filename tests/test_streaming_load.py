@@ -119,7 +119,8 @@ if layout == "single":
 '''
 
 
-@pytest.mark.parametrize("layout", ["single", "index"])
+# the single-file layout (an 8-device subprocess) runs in the full suite; the index layout in the quick loop too
+@pytest.mark.parametrize("layout", [pytest.param("single", marks=pytest.mark.slow), "index"])
 def test_sharded_load_reads_only_device_blocks(tmp_path, layout):
     proc = subprocess.run([sys.executable, "-c", CHECK, layout, str(tmp_path)], cwd=ROOT, env=subprocess_env(devices=8),
                           capture_output=True, text=True, timeout=300, check=False)

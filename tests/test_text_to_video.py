@@ -136,6 +136,7 @@ def test_prompts_are_encoded_once_whatever_the_step_counts(pipeline, tmp_path, c
                                       np.load(tmp_path / "o" / f"prompt1_s0_steps{s}.npy"))
 
 
+@pytest.mark.slow
 def test_anyflow_student_folder_and_transformer_plus_pipeline(pipeline, tmp_path, capsys):
     """A released-AnyFlow-layout folder (flow-map transformer) samples with guidance 1; a bare
     transformer folder samples with --pipeline for the encoder and VAE."""
