@@ -288,13 +288,14 @@ def sampler_kernel_flops(run, args, *, steps: int = 4) -> float:
 
 
 def compile_vae_decode(device, *, latent_shape: Sequence[int] = WAN_480P_LATENTS, batch: int = 1,
-                       chunk: int | None = 1, dtype=jnp.float32):
+                       chunk: int | None = 1, dtype=jnp.float32, model_kwargs: dict | None = None):
     """The Wan2.1 VAE's decode (``WanVAE.decode``: first latent frame alone, the rest scanned in
     steps of ``chunk`` latent frames) compiled for one TPU chip ``device``, on latents
-    ``(batch,) + latent_shape`` and fp32 parameters. Returns ``(compiled, model, args)``."""
+    ``(batch,) + latent_shape`` and fp32 parameters. Returns ``(compiled, model, args)``.
+    ``model_kwargs`` override :class:`WanVAE` fields (default: Wan2.1's widths)."""
     from flax import linen as nn
     from anyflow_jax.models.wan_vae import WanVAE
-    model = WanVAE(dtype=dtype)  # the defaults are Wan2.1's widths
+    model = WanVAE(dtype=dtype, **dict(model_kwargs or {}))
     mesh = jax.sharding.Mesh(np.asarray([device]), ("x",))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=rep),
