@@ -427,6 +427,17 @@ def _fmt(v, metric: str) -> str:
     return f"{v:.3f}" if metric == "accuracy" else f"{v:.4g}"
 
 
+def _grid(names, steps, cells, width) -> list[str]:
+    """Rows = models, columns = step counts (right-aligned), under a header and a rule."""
+    heads = [cli.plural(int(s), "step") if i == 0 else s for i, s in enumerate(steps)]
+    colw = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
+    header = f"{'model':<{width}}  " + "  ".join(f"{h:>{colw[i]}}" for i, h in enumerate(heads))
+    out = [header, "-" * len(header)]
+    for n, row in zip(names, cells):
+        out.append(f"{n:<{width}}  " + "  ".join(f"{c:>{colw[i]}}" for i, c in enumerate(row)))
+    return out
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """Plain-text tables: one block per metric, rows = models, columns = step counts."""
     steps = [str(s) for s in results["steps"]]
@@ -447,13 +458,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         if metric == "accuracy" and "accuracy_real" in base:
             lines.append(f"  (real videos: {_fmt(base['accuracy_real'], metric)})")
         cells = [[_fmt(results["metrics"][metric][n].get(s), metric) for s in steps] for n in names]
-        heads = [cli.plural(int(s), "step") if i == 0 else s for i, s in enumerate(steps)]
-        colw = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
-        header = f"{'model':<{width}}  " + "  ".join(f"{h:>{colw[i]}}" for i, h in enumerate(heads))
-        lines.append(header)
-        lines.append("-" * len(header))
-        for n, row in zip(names, cells):
-            lines.append(f"{n:<{width}}  " + "  ".join(f"{c:>{colw[i]}}" for i, c in enumerate(row)))
+        lines.extend(_grid(names, steps, cells, width))
     return "\n".join(lines)
 
 
@@ -500,13 +505,7 @@ def format_aggregate(agg: Mapping[str, Any]) -> str:
         lines.append(f"{metric}: {METRIC_INFO[metric]}; N={agg['num_samples']} per seed")
         cells = [[(f"{_fmt(c['mean'], metric)} ± {_fmt(c['std'], metric)}" if c else _fmt(None, metric))
                   for c in (agg["metrics"][metric][n].get(s) for s in steps)] for n in names]
-        heads = [cli.plural(int(s), "step") if i == 0 else s for i, s in enumerate(steps)]
-        colw = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
-        header = f"{'model':<{width}}  " + "  ".join(f"{h:>{colw[i]}}" for i, h in enumerate(heads))
-        lines.append(header)
-        lines.append("-" * len(header))
-        for n, row in zip(names, cells):
-            lines.append(f"{n:<{width}}  " + "  ".join(f"{c:>{colw[i]}}" for i, c in enumerate(row)))
+        lines.extend(_grid(names, steps, cells, width))
     return "\n".join(lines)
 
 

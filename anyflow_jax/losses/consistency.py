@@ -25,6 +25,31 @@ from anyflow_jax.losses import _common as C
 from anyflow_jax.losses.flow_map import _value_and_derivative
 
 
+def _teacher_guidance(teacher_guidance_scale, context, neg_context) -> float:
+    """The teacher's CFG scale, checked (g > 1 needs both contexts)."""
+    g = C.check_guidance(teacher_guidance_scale, "teacher_guidance_scale")
+    if g != 1.0 and (neg_context is None or context is None):
+        raise ValueError(f"teacher_guidance_scale={g} needs batch['context'] and batch['neg_context']")
+    return g
+
+
+def _noise(key, batch, x0):
+    """``batch['eps']`` when given (checked), else standard normal noise shaped like ``x0``."""
+    if batch.get("eps") is not None:
+        C.check_same_shape(x0, batch["eps"], "batch['x0']", "batch['eps']")
+        return jnp.asarray(batch["eps"], x0.dtype)
+    return C.standard_normal(key, x0)
+
+
+def _teacher_velocity(teacher_apply, teacher_params, z, t, context, neg_context, g, b):
+    v = C.call_model(teacher_apply, teacher_params, z, t, t, context, "teacher_apply")
+    if g != 1.0:
+        neg_b = C.broadcast_negative(neg_context, context, b)
+        v_u = C.call_model(teacher_apply, teacher_params, z, t, t, neg_b, "teacher_apply")
+        v = v_u + g * (v - v_u)
+    return jax.lax.stop_gradient(v)
+
+
 def consistency_loss(
     apply_fn: C.ApplyFn,
     params: Any,
@@ -51,15 +76,10 @@ def consistency_loss(
     b, f = x0.shape[:2]
     if not isinstance(num_discretization_steps, int) or num_discretization_steps < 1:
         raise ValueError(f"num_discretization_steps must be an int >= 1 (N >= 1), got {num_discretization_steps!r}")
-    g = C.check_guidance(teacher_guidance_scale, "teacher_guidance_scale")
-    if g != 1.0 and (neg_context is None or context is None):
-        raise ValueError(f"teacher_guidance_scale={g} needs batch['context'] and batch['neg_context']")
+    g = _teacher_guidance(teacher_guidance_scale, context, neg_context)
 
     k_eps, k_n = jax.random.split(key)
-    eps = C.standard_normal(k_eps, x0)
-    if batch.get("eps") is not None:
-        C.check_same_shape(x0, batch["eps"], "batch['x0']", "batch['eps']")
-        eps = jnp.asarray(batch["eps"], x0.dtype)
+    eps = _noise(k_eps, batch, x0)
     if batch.get("n") is not None:
         if tuple(jnp.shape(batch["n"])) != (b,):
             raise ValueError(f"batch['n'] must have shape (B,) = ({b},), got {tuple(jnp.shape(batch['n']))}")
@@ -71,11 +91,7 @@ def consistency_loss(
     s = C.frames_time(grid[n + 1], f)
 
     z_t = schedule.add_noise(x0, eps, t)
-    v = C.call_model(teacher_apply, teacher_params, z_t, t, t, context, "teacher_apply")
-    if g != 1.0:
-        neg_b = C.broadcast_negative(neg_context, context, b)
-        v_u = C.call_model(teacher_apply, teacher_params, z_t, t, t, neg_b, "teacher_apply")
-        v = v_u + g * (v - v_u)
+    v = _teacher_velocity(teacher_apply, teacher_params, z_t, t, context, neg_context, g, b)
     z_s = jax.lax.stop_gradient(schedule.flow_map_step(z_t, v, t, s))
 
     zero = jnp.zeros_like(t)
@@ -85,15 +101,6 @@ def consistency_loss(
     per_sample = C.per_sample_mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
     loss = jnp.mean(per_sample)
     return loss, {"loss": loss, "t_mean": jnp.mean(t)}
-
-
-def _teacher_velocity(teacher_apply, teacher_params, z, t, context, neg_context, g, b):
-    v = C.call_model(teacher_apply, teacher_params, z, t, t, context, "teacher_apply")
-    if g != 1.0:
-        neg_b = C.broadcast_negative(neg_context, context, b)
-        v_u = C.call_model(teacher_apply, teacher_params, z, t, t, neg_b, "teacher_apply")
-        v = v_u + g * (v - v_u)
-    return jax.lax.stop_gradient(v)
 
 
 def continuous_consistency_loss(
@@ -129,19 +136,14 @@ def continuous_consistency_loss(
     """
     batch, x0, context, neg_context = C.unpack_data_batch(batch)
     b, f = x0.shape[:2]
-    g = C.check_guidance(teacher_guidance_scale, "teacher_guidance_scale")
-    if g != 1.0 and (neg_context is None or context is None):
-        raise ValueError(f"teacher_guidance_scale={g} needs batch['context'] and batch['neg_context']")
+    g = _teacher_guidance(teacher_guidance_scale, context, neg_context)
     C.check_derivative(derivative)
     c = float(tangent_normalization)
     if not c >= 0.0:
         raise ValueError(f"tangent_normalization must be >= 0 (0: off), got {tangent_normalization!r}")
 
     k_eps, k_t = jax.random.split(key)
-    eps = C.standard_normal(k_eps, x0)
-    if batch.get("eps") is not None:
-        C.check_same_shape(x0, batch["eps"], "batch['x0']", "batch['eps']")
-        eps = jnp.asarray(batch["eps"], x0.dtype)
+    eps = _noise(k_eps, batch, x0)
     if batch.get("t") is not None:
         t = C.check_times(batch["t"], x0, "batch['t']")
     else:
