@@ -140,28 +140,30 @@ def test_slice_names_of_a_generation_smallest_first():
 @pytest.mark.slow
 def test_loop_corrected_flops_match_a_fully_unrolled_compile():
     """The extrapolation from 1 and 2 unscanned layers (every scan unrolled) gives the compiler's
-    FLOPs of the whole program: equal, within 3%, to compiling the 4-layer model unrolled, and
-    about 4x (layers) the scanned program's count, on CPU."""
+    FLOPs of the whole program: equal, within 3%, to compiling the 3-layer model unrolled, and
+    more than twice the scanned program's count (which counts the layer scan's body once), on CPU."""
     c = toy_config("teacher")
     c.data.global_batch_size = 2
+    c.model.num_layers = 3  # extrapolated from 1 and 2 layers to 3 (the smallest that tests it)
     devices = jax.devices()[:1]
     run = aot.abstract_run(c, devices)
-    assert run.nets.student.num_layers == 4 and run.nets.student.scan_layers
-    corrected = aot.loop_corrected_costs(c, devices, global_batch=2, sampler_steps=3)
+    assert run.nets.student.num_layers == 3 and run.nets.student.scan_layers
+    corrected = aot.loop_corrected_costs(c, devices, global_batch=2, sampler_steps=2)
     assert set(corrected) == {"generator", "sampler"}
-    full = aot.abstract_run(aot.layer_variant(c, 4), devices)
-    assert not full.nets.student.scan_layers and full.nets.student.num_layers == 4
+    full = aot.abstract_run(aot.layer_variant(c, 3), devices)
+    assert not full.nets.student.scan_layers and full.nets.student.num_layers == 3
     scan = jax.lax.scan
     with aot.unrolled_scans():
         assert jax.lax.scan is not scan
         gen = aot.compile_train(full, aot.abstract_batch(full, 2)).generator
-        sampler, _, _ = aot.compile_sampler(full, steps=3, global_batch=2)
+        sampler, _, _ = aot.compile_sampler(full, steps=2, global_batch=2)
     assert jax.lax.scan is scan  # the patch is undone
     for name, program in (("generator", gen), ("sampler", sampler)):
         want = aot.cost_report(program)["flops"]
         assert corrected[name]["flops"] == pytest.approx(want, rel=0.03), name
     scanned = aot.cost_report(aot.compile_train(run, aot.abstract_batch(run, 2)).generator)["flops"]
-    assert corrected["generator"]["flops"] > 2.5 * scanned  # the scanned layers were counted once
+    print("corrected / scanned", corrected["generator"]["flops"] / scanned)
+    assert corrected["generator"]["flops"] > 2.0 * scanned  # the scanned layers were counted once
     # and the corrected count agrees with the traced model FLOPs (no remat in the toy config)
     analytic = aot.analytic_flops(run, aot.abstract_batch(run, 2), programs=("generator",))["generator"]
     assert 1.0 < corrected["generator"]["flops"] / analytic < 1.3
@@ -182,9 +184,12 @@ def _tool(*args):
 @pytest.mark.slow
 def test_cli_searches_the_smallest_slice_and_reports_memory_and_flops(tmp_path):
     """`--topology v5p` (no size) tries v5p-8 (4 chips: the config's 8-way data mesh does not fit
-    on it, skipped) then v5p-16, which fits; the JSON has every program's memory and FLOPs."""
+    on it, skipped) then v5p-16, which fits; the JSON has the program's memory and FLOPs. Each
+    TPU compile costs 10-20 s even at toy size, so this runs one: no sampler (``--sampler_steps
+    0``) and no loop correction (``--noloop_corrected``, its 1- and 2-layer compiles); both are
+    checked in process above."""
     out = tmp_path / "aot.json"
-    p = _tool("--config", "configs/toy.py:teacher", "--topology", "v5p", "--max_chips", "16", "--sampler_steps", "2",
+    p = _tool("--config", "configs/toy.py:teacher", "--topology", "v5p", "--max_chips", "16", "--sampler_steps", "0", "--noloop_corrected",
               "--config.mesh.data=8", "--config.mesh.fsdp=1", "--json", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -193,16 +198,15 @@ def test_cli_searches_the_smallest_slice_and_reports_memory_and_flops(tmp_path):
     assert result["smallest_slice"] == "v5p-16" and result["search"][1]["fits"]
     assert result["run"]["chips"] == 8 and result["run"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
     reports = {r["kind"]: r for r in result["reports"]}
-    assert set(reports) == {"generator", "sampler"}
+    assert set(reports) == {"generator"}
     for kind, r in reports.items():
         for field in ("argument", "output", "temp", "peak"):
             assert r["memory"][field] > 0, (kind, field)
         assert r["fits"] and 0 < r["required_bytes"] < r["hbm_bytes"] == 95 * aot.GiB
         assert r["flops"] > 0 and r["analytic_flops"] > 0 and r["roofline_s"] > 0
-        # every loop counted: the 4 scanned layers (and the sampler's 2 steps) were counted once
-        assert r["loop_corrected_flops"] > 2.5 * r["flops"], kind
-        assert r["kernel_flops"] == 0 and r["compiler_flops"] == r["loop_corrected_flops"]  # xla attention
-        assert 1.0 < r["compiler_over_analytic"] < 1.3, kind  # no remat in the toy config
+        # without loop correction the 4 scanned layers are counted once, and the report says so
+        assert "loop_corrected_flops" not in r and r["loops_counted_once"], kind
+        assert 0.2 < r["compiler_over_analytic"] < 0.5, kind
     assert "smallest v5p slice" in p.stdout and "v5p-8: skipped" in p.stdout
 
 
