@@ -8,6 +8,8 @@
       --out samples/cat                          # a diffusers pipeline folder: prompt -> UMT5 -> DiT -> VAE -> mp4
   python -m anyflow_jax.sample --checkpoint runs/wan/on_policy --pipeline Wan2.1-T2V-1.3B-Diffusers \\
       --prompts-file prompts.txt --steps 1,4 --out samples/run   # our workdir + a pipeline's encoder and VAE
+  python -m anyflow_jax.sample --checkpoint AnyFlow-FAR-Wan2.1-1.3B-Diffusers --prompt "a cat surfing" \\
+      --task i2v --image first.png --steps 4 --out samples/i2v   # a FAR model: chunk by chunk, image-to-video
 
 For every (condition, sample index, step count) it writes ``<out>/<cond>_s<i>_steps<n>.<fmt>``
 (e.g. ``class3_s0_steps4.mp4``) and a ``contact_sheet.png`` (rows: conditions, first sample;
@@ -29,6 +31,16 @@ with CFG (guidance 3 by default), ``flow_map`` (AnyFlow stage 1 or 2) -> any-ste
 (guidance 1: CFG is distilled in), ``consistency`` -> multistep consistency sampling. All
 conditions (and samples) of one step count go through one batched ``Generator.sample`` call
 (``--batch-size`` splits it).
+
+**FAR (chunk-causal) checkpoints** sample chunk by chunk with the KV cache
+(``anyflow_jax.flow.causal_sampling``), the same number of steps per chunk: ``--task t2v`` (the
+default), ``i2v`` with ``--image`` (the first latent frame) or ``v2v`` with ``--video`` (the first
+latent frames; their number must end on a chunk boundary of the model's ``chunk_partition``, e.g.
+1, 4, 7, ... latent frames = 1, 13, 25, ... pixel frames for the released partition). An image or
+video is resized to ``--height``/``--width`` and encoded with the pipeline folder's VAE (text-prompt
+mode); a latent ``.npy`` (the model's normalised latent space) works everywhere. The context comes
+back unchanged as the first frames of every sample. ``--task``/``--image``/``--video`` with a
+bidirectional checkpoint is an error.
 
 Bad input (steps that are not positive integers, a missing or wrong-kind checkpoint, an
 unwritable output folder, an unknown class or format, ...) prints one ``error: ...`` line and
@@ -55,6 +67,7 @@ from anyflow_jax.cli import UsageError
 NUM_CLASSES = 10
 SHEET_NAME = "contact_sheet.png"
 PROMPTS_NAME = "prompts.json"
+CAUSAL_TASKS = ("t2v", "i2v", "v2v")
 
 
 # ------------------------------------------------------------------------------ library
@@ -242,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=0, metavar="B",
                    help="videos per model call (default 0: all conditions and samples of a step count at once)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    far = p.add_argument_group("causal (FAR) models", "chunk-by-chunk sampling of a FAR checkpoint (always used for "
+                               "one); the context fills the first chunks and comes back unchanged")
+    far.add_argument("--task", choices=CAUSAL_TASKS, default=None,
+                     help="t2v (no context), i2v (--image: the first latent frame) or v2v (--video: the first "
+                          "latent frames, ending on a chunk boundary); default: from --image/--video, else t2v")
+    given = far.add_mutually_exclusive_group()
+    given.add_argument("--image", metavar="FILE",
+                       help="i2v context: an image (resized to --height/--width and encoded with the pipeline "
+                            "folder's VAE) or a latent .npy (h, w, z) / (1, h, w, z) in the model's latent space")
+    given.add_argument("--video", metavar="FILE",
+                       help="v2v context: a video of 1 + 4k frames (all of them used, each resized to "
+                            "--height/--width, encoded with the pipeline folder's VAE) or a latent .npy "
+                            "(f, h, w, z); its latent frames must end on a chunk boundary")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
                      help="always show the progress bar (default: only when stderr is a terminal)")
@@ -346,6 +372,7 @@ def _validate(args) -> dict:
     opts["transformer"] = os.path.join(full, "transformer") if is_pipeline(full) else args.checkpoint
     if text:
         _validate_text(args, opts)
+    _validate_task(args, opts, text)
     check_writers(opts["formats"])
     check_checkpoint(opts["transformer"], args.kind)
     check_output_dir(args.out)
@@ -415,6 +442,177 @@ def _resolve(gen, args, opts):
                          f"(latents need a VAE decoder: sample from text prompts with --prompt and a pipeline "
                          f"folder); use --format npy")
     return conditions, labels, neg, tuple(shape), guidance
+
+
+# ------------------------------------------------------------------------------ causal (FAR) sampling
+def _validate_task(args, opts, text: bool) -> None:
+    """``--task`` / ``--image`` / ``--video``: which task, and the context file (a latent ``.npy``
+    is read here; an image or a video needs the pipeline folder's VAE, i.e. text-prompt mode)."""
+    task = args.task or ("i2v" if args.image else "v2v" if args.video else None)
+    opts["task"], opts["context_file"], opts["context_latents"] = task, None, None
+    if task is None:
+        return
+    if task != "i2v" and args.image:
+        raise UsageError(f"--image is the context of --task i2v, not {task}")
+    if task != "v2v" and args.video:
+        raise UsageError(f"--video is the context of --task v2v, not {task}")
+    if task == "i2v" and not args.image:
+        raise UsageError("--task i2v needs --image FILE (an image, or its latent .npy)")
+    if task == "v2v" and not args.video:
+        raise UsageError("--task v2v needs --video FILE (a video of 1 + 4k frames, or its latent .npy)")
+    if task == "t2v":
+        return
+    flag, path = ("--image", args.image) if task == "i2v" else ("--video", args.video)
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise UsageError(f"{flag} {path} does not exist")
+    opts["context_file"] = (flag, os.path.expanduser(path))
+    if path.lower().endswith(".npy"):
+        try:
+            arr = np.load(os.path.expanduser(path), allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{flag} {path} is not a readable .npy file: {e}") from None
+        want = 3 if task == "i2v" else 4
+        if arr.ndim == want + 1 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != want or not np.issubdtype(arr.dtype, np.floating) or min(arr.shape) < 1:
+            form = "(h, w, z) or (1, h, w, z)" if task == "i2v" else "(f, h, w, z) or (1, f, h, w, z)"
+            raise UsageError(f"{flag} {path} must hold float latents {form}, got {arr.dtype} {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise UsageError(f"{flag} {path} has non-finite values")
+        opts["context_latents"] = (arr[None] if task == "i2v" else arr).astype(np.float32)
+    elif not text:
+        raise UsageError(f"{flag} {path}: an image or video context is encoded with a Wan pipeline's VAE, which "
+                         f"needs text prompts (--prompt) with a pipeline folder; otherwise pass its latents as .npy")
+
+
+def _allowed_context(model, frames: int) -> tuple[int, ...]:
+    from anyflow_jax.flow.causal_sampling import chunk_bounds, context_lengths
+    bounds = chunk_bounds(model.chunk_partition)
+    if frames not in bounds[1:]:
+        raise UsageError(f"the video has {frames} latent frames; a FAR model samples whole chunks of chunk_partition="
+                         f"{list(model.chunk_partition)}: one of {list(bounds[1:])} latent frames (pixel frames "
+                         f"{[1 + 4 * (b - 1) for b in bounds[1:]]})")
+    return context_lengths(model.chunk_partition, frames)
+
+
+def _read_pixels(flag: str, path: str, height: int, width: int, max_frames: int) -> np.ndarray:
+    """uint8 ``(P, height, width, 3)``: an image (P = 1) or the frames of a video (at most
+    ``max_frames + 1`` read: enough to tell that there are too many)."""
+    from anyflow_jax.data import videos as dv
+    if flag == "--image":
+        from PIL import Image
+        try:
+            with Image.open(path) as img:
+                frame = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--image {path} is not a readable image: {e}") from None
+        return dv.resize_frame(frame, height, width)[None]
+    import imageio_ffmpeg
+    dv._no_fork_hook()
+    frames = []
+    try:
+        gen = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+        meta = next(gen)
+        w, h = meta["size"]
+        for buf in gen:
+            frames.append(dv.resize_frame(np.frombuffer(buf, np.uint8).reshape(h, w, 3), height, width))
+            if len(frames) > max_frames:
+                break
+        gen.close()
+    except Exception as e:  # noqa: BLE001 - any decoding failure is one error line
+        raise UsageError(f"--video {path} is not a readable video: {dv._ffmpeg_message(e)}") from None
+    return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
+
+
+def _encode_pixels(pipeline: str, pixels: np.ndarray, log=None) -> np.ndarray:
+    """Normalised latents ``(f, h, w, z)`` of uint8 frames ``(P, H, W, 3)`` (posterior mean of the
+    pipeline's Wan VAE, as the reference's ``vae_encode``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from anyflow_jax.checkpoints.vae import load_vae
+    from anyflow_jax.models.wan_vae import normalize_latents
+    if log:
+        log(f"encoding the context with the VAE of {pipeline}")
+    try:
+        vae, params = load_vae(os.path.join(pipeline, "vae"), dtype=jnp.float32)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"VAE of {pipeline}: {e}") from None
+    x = jnp.asarray(pixels[None].astype(np.float32) / 127.5 - 1.0)  # uint8 -> [-1, 1]
+    mean = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=vae.encode))(params, x)
+    return np.asarray(normalize_latents(vae, mean)[0], np.float32)
+
+
+def _context_latents(model, opts, shape, log=None) -> np.ndarray | None:
+    """The context latents ``(Fc, h, w, z)`` of ``--image`` / ``--video``, checked against the
+    model's chunk partition and the video shape (one error naming the lengths allowed)."""
+    allowed = _allowed_context(model, shape[0])
+    if opts["context_file"] is None:
+        return None
+    flag, path = opts["context_file"]
+    lat = opts["context_latents"]
+    if lat is None:  # pixels: only in text-prompt mode (checked before loading)
+        _, height, width = opts["pixels"]
+        pixel_counts = [1 + 4 * (k - 1) for k in allowed]
+        if flag == "--video" and not pixel_counts:
+            raise UsageError(f"--video: a {shape[0]}-latent-frame video has no room for a context")
+        pixels = _read_pixels(flag, path, height, width, max(pixel_counts or [1]))
+        if flag == "--video" and len(pixels) not in pixel_counts:
+            count = f"more than {max(pixel_counts)}" if len(pixels) > max(pixel_counts) else str(len(pixels))
+            raise UsageError(f"--video {path} has {count} frames; a context must end "
+                             f"on a chunk boundary of chunk_partition={list(model.chunk_partition)}: one of "
+                             f"{pixel_counts} frames (latent frames {list(allowed)})")
+        lat = _encode_pixels(opts["pipeline"], pixels, log)
+    if tuple(lat.shape[1:]) != tuple(shape[1:]):
+        raise UsageError(f"{flag} {path}: context latents of shape {tuple(lat.shape[1:])} (h, w, z); the video's "
+                         f"latents are {tuple(shape[1:])}")
+    if lat.shape[0] not in allowed:
+        raise UsageError(f"{flag} {path} has {lat.shape[0]} latent frames; a context must end on a chunk boundary "
+                         f"(before the last chunk) of chunk_partition={list(model.chunk_partition)}: one of "
+                         f"{list(allowed)} latent frames")
+    return lat
+
+
+class _CausalSampler:
+    """``sample(noise, context, steps, ...)`` of a FAR checkpoint: the chunk-autoregressive any-step
+    sampler (:func:`anyflow_jax.flow.causal_sampling.causal_sample`), with the task's context
+    latents (the same for every sample) filling the first chunks."""
+
+    def __init__(self, gen, task: str, context_latents):
+        self.gen, self.task, self.context_latents = gen, task, context_latents
+
+    def describe(self) -> str:
+        n = 0 if self.context_latents is None else len(self.context_latents)
+        return self.task + (f" ({cli.plural(n, 'context latent frame')})" if n else "")
+
+    def sample(self, noise, context, steps, *, guidance=None, neg_context=None, **_):
+        import jax.numpy as jnp
+
+        from anyflow_jax.flow.causal_sampling import causal_sample
+        from anyflow_jax.inference import default_guidance
+        gen = self.gen
+        g = default_guidance(gen.kind) if guidance is None else float(guidance)
+        ctx_lat = None
+        if self.context_latents is not None:
+            ctx_lat = jnp.broadcast_to(jnp.asarray(self.context_latents), (noise.shape[0],) + self.context_latents.shape)
+        return causal_sample(gen.model, gen.params, noise, context, num_steps=int(steps), shift=gen.shift,
+                             guidance_scale=g, neg_context=neg_context, context_latents=ctx_lat,
+                             use_mean_velocity=gen.kind != "teacher")
+
+
+def _causal_sampler(gen, opts, shape, log=None):
+    """A :class:`_CausalSampler` for a FAR checkpoint (None for a bidirectional one, which takes
+    no ``--task``)."""
+    from anyflow_jax.models.far_wan import FarWanTransformer3D
+    if not isinstance(gen.model, FarWanTransformer3D):
+        if opts["task"] is not None:
+            raise UsageError(f"--task/--image/--video need a FAR (chunk-causal) checkpoint; {gen.path} is a "
+                             f"bidirectional {gen.kind} model")
+        return None
+    if gen.kind == "consistency":
+        raise UsageError("a FAR checkpoint samples with the flow-map (or teacher) sampler, not consistency")
+    ctx = _context_latents(gen.model, opts, shape, log)
+    return _CausalSampler(gen, opts["task"] or "t2v", ctx)
 
 
 def _steps_label(s: int) -> str:
@@ -531,6 +729,8 @@ def run(args) -> str:
     conditions, labels, neg, shape, guidance = _resolve(gen, args, opts)
     if text:
         labels = [opts["text_prompts"][n] for n in conditions]
+    sampler = _causal_sampler(gen, opts, shape, log=log)  # a FAR checkpoint samples chunk by chunk
+    causal = f", causal {sampler.describe()}" if sampler is not None else ""
 
     total = len(conditions) * args.num_samples * len(opts["steps"])
     disable = cli.progress_disable(getattr(args, "progress", None))
@@ -539,7 +739,7 @@ def run(args) -> str:
             bar.set_postfix_str(_steps_label(steps))
             bar.update(n)
 
-        videos = inference.sample_videos(gen, opts["steps"], conditions, num_samples=args.num_samples, seed=args.seed,
+        videos = inference.sample_videos(sampler or gen, opts["steps"], conditions, num_samples=args.num_samples, seed=args.seed,
                                guidance=guidance, neg_context=neg, video_shape=shape,
                                batch_size=args.batch_size or None, progress=progress)
     bad = sum(int(not np.all(np.isfinite(v))) for v in videos.values())
@@ -548,7 +748,7 @@ def run(args) -> str:
 
     decode, kind = None, gen.kind
     if text:
-        del gen  # the transformer's memory goes to the VAE
+        del gen, sampler  # the transformer's memory goes to the VAE
         import gc
         gc.collect()
         from anyflow_jax.text_to_video import VideoDecoder
@@ -582,7 +782,7 @@ def run(args) -> str:
             else f"video {'x'.join(map(str, shape))}")
     return (f"wrote {n(n_files, 'file')} ({','.join(opts['formats'])}) for {n(len(conditions), 'condition')} x "
             f"{n(args.num_samples, 'sample')} x steps {','.join(map(str, opts['steps']))}{sheet} to {args.out} "
-            f"[{kind}, guidance {guidance:g}, seed {args.seed}, {what}]")
+            f"[{kind}{causal}, guidance {guidance:g}, seed {args.seed}, {what}]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,24 @@
 """FAR building blocks (models/far.py): chunk layout, compressed patch-embedding init, RoPE of
 compressed frames and the training mask with the clean copy, each against its closed form or
-the PyTorch operation the reference uses."""
+the PyTorch operation the reference uses; the FAR network (models/far_wan.py): causality, the
+mask rules seen through its outputs, the KV cache, the bidirectional path; and the released
+FAR checkpoint layout (interop)."""
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anyflow_jax.checkpoints.diffusers import _conv3d
+from anyflow_jax.checkpoints.diffusers import CheckpointError, _conv3d, load_transformer, save_transformer
+from anyflow_jax.checkpoints.model import load_model, save_model
+from anyflow_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from anyflow_jax.models import far
-from anyflow_jax.models.wan import rope_tables
+from anyflow_jax.models.far_wan import FarWanTransformer3D, chunk_layout, make_far_model
+from anyflow_jax.models.wan import WanTransformer3D, rope_tables
 
 
 def test_chunk_split_follows_the_full_chunk_limit():
@@ -110,3 +122,260 @@ def test_train_mask_padding_and_validation():
         m.dense(12, 12)
     with pytest.raises(ValueError, match="length 7 is shorter than the tokens it describes"):
         far.FarTrainMask((2,), (5,), 7)
+
+
+# ------------------------------------------------------------------------------ the network
+# A tiny FAR network: 4 chunks (1, 2, 2, 1), 2 full at a time; a 4x8 latent has 8 full tokens and
+# 2 compressed tokens per frame.
+FAR_CFG = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=8, freq_dim=16,
+               ffn_dim=16, num_layers=2, rope_max_seq_len=64, flow_map=True, chunk_partition=(1, 2, 2, 1),
+               full_chunk_limit=2)
+B, H, W = 1, 4, 8
+
+
+def _random_params(model, seed=0, scale=0.3):
+    """Host NumPy draws on the abstract parameter shapes (no init program to compile)."""
+    abstract = nn.meta.unbox(model.abstract_params())
+    rng = np.random.RandomState(seed)
+    return jax.tree.map(lambda s: jnp.asarray(scale * rng.randn(*s.shape), s.dtype), abstract)
+
+
+@functools.lru_cache(maxsize=None)
+def _net(**overrides):
+    model = FarWanTransformer3D(**dict(FAR_CFG, **overrides))
+    return model, _random_params(FarWanTransformer3D(**FAR_CFG))
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(**kw):
+    """One jitted program per path and setting (the tests reuse them across inputs)."""
+    items = dict(kw)
+    overrides = items.pop("model", ())
+    model, _ = _net(**dict(overrides))
+    return jax.jit(lambda p, x, t, r, ctx, clean=None: model.apply({"params": p}, x, t, r, ctx, clean, **items))
+
+
+def _data(f, seed=0, n_context=0):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(B, f, H, W, 4).astype(np.float32)
+    t = np.concatenate([np.zeros((B, n_context)), np.full((B, f - n_context), 0.7)], 1).astype(np.float32)
+    return x, t, (t * 0.4).astype(np.float32), rng.randn(B, 3, 8).astype(np.float32)
+
+
+def test_far_network_layout_and_parameters():
+    model, params = _net()
+    assert set(params) == {"blocks", "condition_embedder", "far_patch_embedding", "patch_embedding", "proj_out",
+                           "scale_shift_table"}
+    assert params["far_patch_embedding"]["kernel"].shape == (4 * 4 * 4, 16)  # (1, 4, 4) patches of 4 channels
+    assert model.tokens_per_frame(H, W) == (8, 2)
+    assert model.chunks_for_frames(5) == (1, 2, 2)
+    assert chunk_layout((1, 2, 2, 1), 2) == ((1, 2), (2, 1)) and chunk_layout((1, 2), 0) == ((1, 2), ())
+    with pytest.raises(ValueError, match=r"4 latent frames do not end on a chunk boundary.*\[1, 3, 5, 6\]"):
+        model.chunks_for_frames(4)
+    x, t, r, ctx = _data(6, n_context=3)
+    out = _apply()(params, x, t, r, ctx)
+    assert out.shape == (B, 3, H, W, 4)  # the two full chunks (3 frames) only
+    with pytest.raises(ValueError, match=r"clean \(the clean copy of the full frames\) must be \(1, 3, 4, 8, 4\)"):
+        model.apply({"params": params}, x, t, r, ctx, x)
+    with pytest.raises(ValueError, match="temporal patch 1"):
+        FarWanTransformer3D(**dict(FAR_CFG, compressed_patch_size=(2, 4, 4))).validate()
+
+
+def test_far_causality_perturbing_a_chunk_leaves_earlier_chunks_bit_identical():
+    _, params = _net()
+    x, t, r, ctx = _data(6)
+    allfull = _apply(model=(("full_chunk_limit", 4),))  # every chunk full: every chunk has an output
+    base = np.asarray(allfull(params, x, t, r, ctx))
+    frames = np.cumsum([0, 1, 2, 2, 1])  # chunk j: frames[j]:frames[j + 1]
+    for j in (1, 2, 3):
+        x2 = x.copy()
+        x2[:, frames[j]:frames[j + 1]] += 1.0
+        out = np.asarray(allfull(params, x2, t, r, ctx))
+        np.testing.assert_array_equal(out[:, :frames[j]], base[:, :frames[j]])
+        for k in range(j, 4):  # chunk j and every later one move
+            assert np.abs(out[:, frames[k]:frames[k + 1]] - base[:, frames[k]:frames[k + 1]]).max() > 1e-4
+    # with compressed context (chunks 0, 1 compressed, 2 and 3 full): chunk 3 never reaches chunk 2
+    x, t, r, ctx = _data(6, n_context=3)
+    causal = _apply()
+    base = np.asarray(causal(params, x, t, r, ctx))
+    x2 = x.copy()
+    x2[:, 5] += 1.0
+    out = np.asarray(causal(params, x2, t, r, ctx))
+    np.testing.assert_array_equal(out[:, :2], base[:, :2])
+    assert np.abs(out[:, 2] - base[:, 2]).max() > 1e-3
+    x2 = x.copy()
+    x2[:, 1] += 1.0  # compressed context chunk 1 reaches both full chunks
+    out = np.asarray(causal(params, x2, t, r, ctx))
+    assert np.abs(out[:, :2] - base[:, :2]).max() > 1e-3 and np.abs(out[:, 2] - base[:, 2]).max() > 1e-3
+
+
+def test_far_clean_copy_mask_rules_through_the_network():
+    """Section 6.2 seen from the outputs: a noisy chunk talks only to itself (noise -> noise in
+    the same chunk), later chunks see an earlier chunk only through its clean copy (noise ->
+    clean strictly earlier), and the clean copy of a chunk never reaches that chunk itself."""
+    _, params = _net()
+    x, t, r, ctx = _data(6, seed=1)
+    clean = np.random.RandomState(2).randn(B, 6, H, W, 4).astype(np.float32)
+    fwd = _apply(model=(("full_chunk_limit", 4),))
+    base = np.asarray(fwd(params, x, t, r, ctx, clean))
+    assert base.shape == (B, 6, H, W, 4)
+    frames = np.cumsum([0, 1, 2, 2, 1])
+    for j in (0, 1, 2):
+        a, b = frames[j], frames[j + 1]
+        x2 = x.copy()
+        x2[:, a:b] += 1.0  # the noisy chunk j: only chunk j's output moves
+        out = np.asarray(fwd(params, x2, t, r, ctx, clean))
+        np.testing.assert_array_equal(np.delete(out, np.s_[a:b], axis=1), np.delete(base, np.s_[a:b], axis=1))
+        assert np.abs(out[:, a:b] - base[:, a:b]).max() > 1e-3
+        c2 = clean.copy()
+        c2[:, a:b] += 1.0  # its clean copy: chunks up to j unchanged, every later chunk moves
+        out = np.asarray(fwd(params, x, t, r, ctx, c2))
+        np.testing.assert_array_equal(out[:, :b], base[:, :b])
+        for k in range(j + 1, 4):
+            assert np.abs(out[:, frames[k]:frames[k + 1]] - base[:, frames[k]:frames[k + 1]]).max() > 1e-4
+
+
+def test_kv_cache_forward_equals_the_full_chunk_causal_forward():
+    """Encoding chunks 0..2 (at t = r = 0, full window full_chunk_limit - 1 = 1: chunks 0-1
+    compressed, chunk 2 full) and running chunk 3 on that cache gives chunk 3's output of the
+    chunk-causal forward over chunks 0..3 (chunks 0-1 compressed, 2-3 full, context at t = 0)."""
+    model, params = _net()
+    x, t, r, ctx = _data(6, seed=3, n_context=5)
+    full = np.asarray(_apply()(params, x, t, r, ctx))[:, -1:]
+    zeros = np.zeros((B, 5), np.float32)
+    encode = jax.jit(lambda p, x, ctx: model.apply({"params": p}, x, zeros, zeros, ctx, encode_cache=True))
+    cache = encode(params, x[:, :5], ctx)
+    # context -> context is chunk-causal too: chunk 1 never reaches chunk 0's cached keys/values
+    x2 = x.copy()
+    x2[:, 1:3] += 1.0
+    moved = encode(params, x2[:, :5], ctx)
+    np.testing.assert_array_equal(moved.compressed_k[:, :, :2], cache.compressed_k[:, :, :2])
+    np.testing.assert_array_equal(moved.compressed_v[:, :, :2], cache.compressed_v[:, :, :2])
+    assert np.abs(moved.compressed_k[:, :, 2:6] - cache.compressed_k[:, :, 2:6]).max() > 1e-3
+    # fixed-size buffers: the largest cache of the partition (chunks 0-1 compressed: 3 frames x 2
+    # tokens; one full chunk of at most 2 frames x 8 tokens), of which this one fills all
+    assert (cache.n_chunks, cache.compressed_tokens, cache.full_tokens) == (3, 6, 16)
+    assert cache.compressed_k.shape == cache.compressed_v.shape == (2, B, 6, 2, 8) and cache.full_k.shape[2] == 16
+    got = jax.jit(lambda p, x, t, r, ctx, cache: model.apply({"params": p}, x, t, r, ctx, kv_cache=cache))(
+        params, x[:, 5:], t[:, 5:], r[:, 5:], ctx, cache)
+    np.testing.assert_allclose(np.asarray(got), full, atol=1e-5, rtol=0)
+    assert np.abs(full).max() > 0.1
+    # chunk 0 on the empty cache is the causal forward of chunk 0 alone
+    x0 = x[:, :1]
+    first = jax.jit(lambda p, c: model.apply({"params": p}, x0, t[:, 5:], r[:, 5:], ctx, kv_cache=c))(
+        params, model.empty_cache(B, H, W))
+    alone = jax.jit(lambda p: model.apply({"params": p}, x0, t[:, 5:], r[:, 5:], ctx))(params)
+    np.testing.assert_allclose(np.asarray(first), np.asarray(alone), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="chunk 3 has 1 latent frames, got 2"):
+        model.apply({"params": params}, x[:, :2], t[:, :2], r[:, :2], ctx, kv_cache=cache)
+    with pytest.raises(ValueError, match="encode_cache got all 4 chunks"):
+        model.apply({"params": params}, x, t, r, ctx, encode_cache=True)
+
+
+def test_bidirectional_path_is_the_wan_dit_where_the_rope_splits_agree():
+    """At head dim 12 the FAR class's RoPE split is diffusers' (4:4:4 real dims), so the
+    bidirectional path of a FAR network made from a Wan DiT (make_far_model: the reference's
+    setup_far_model) is that DiT. (At head dim 16 the splits differ, see
+    test_rope_split_and_compressed_positions: FAR follows its own class there.)"""
+    wan_cfg = {k: v for k, v in FAR_CFG.items() if k not in ("chunk_partition", "full_chunk_limit")}
+    wan = WanTransformer3D(**wan_cfg | {"attention_head_dim": 12, "num_layers": 1})
+    wparams = _random_params(wan, seed=4)
+    model, params = make_far_model(wan, wparams, chunk_partition=(1, 2), full_chunk_limit=2)
+    assert isinstance(model, FarWanTransformer3D) and model.full_chunk_limit == 2
+    np.testing.assert_array_equal(params["far_patch_embedding"]["kernel"], far.far_patch_kernel(
+        wparams["patch_embedding"]["kernel"], (1, 2, 2), 4))
+    np.testing.assert_array_equal(params["far_patch_embedding"]["bias"], wparams["patch_embedding"]["bias"])
+    x, t, r, ctx = _data(3, seed=5)
+    ours = jax.jit(lambda p: model.apply({"params": p}, x, t, r, ctx, causal=False))(params)
+    theirs = jax.jit(lambda p: wan.apply({"params": p}, x, t, r, ctx))(wparams)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------ interop
+def _released_far_checkpoint(path, d=16, layers=2, ffn=16, c=4, text=8, freq=16, seed=0):
+    """A tiny AnyFlow-FAR transformer folder in the released layout, written here by hand: the
+    config the reference class's save_pretrained writes, bf16 tensors under the diffusers names."""
+    import ml_dtypes
+    shapes = {"patch_embedding.weight": (d, c, 1, 2, 2), "patch_embedding.bias": (d,),
+              "far_patch_embedding.weight": (d, c, 1, 4, 4), "far_patch_embedding.bias": (d,),
+              "condition_embedder.time_proj.weight": (6 * d, d), "condition_embedder.time_proj.bias": (6 * d,),
+              "condition_embedder.text_embedder.linear_1.weight": (d, text),
+              "condition_embedder.text_embedder.linear_1.bias": (d,),
+              "condition_embedder.text_embedder.linear_2.weight": (d, d),
+              "condition_embedder.text_embedder.linear_2.bias": (d,),
+              "proj_out.weight": (4 * c, d), "proj_out.bias": (4 * c,), "scale_shift_table": (1, 2, d)}
+    for emb in ("time_embedder", "delta_embedder"):
+        shapes |= {f"condition_embedder.{emb}.linear_1.weight": (d, freq), f"condition_embedder.{emb}.linear_1.bias": (d,),
+                   f"condition_embedder.{emb}.linear_2.weight": (d, d), f"condition_embedder.{emb}.linear_2.bias": (d,)}
+    for i in range(layers):
+        for a in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                shapes |= {f"blocks.{i}.{a}.{proj}.weight": (d, d), f"blocks.{i}.{a}.{proj}.bias": (d,)}
+            shapes |= {f"blocks.{i}.{a}.norm_q.weight": (d,), f"blocks.{i}.{a}.norm_k.weight": (d,)}
+        shapes |= {f"blocks.{i}.norm2.weight": (d,), f"blocks.{i}.norm2.bias": (d,),
+                   f"blocks.{i}.ffn.net.0.proj.weight": (ffn, d), f"blocks.{i}.ffn.net.0.proj.bias": (ffn,),
+                   f"blocks.{i}.ffn.net.2.weight": (d, ffn), f"blocks.{i}.ffn.net.2.bias": (d,),
+                   f"blocks.{i}.scale_shift_table": (1, 6, d)}
+    rng = np.random.RandomState(seed)
+    tensors = {k: (0.2 * rng.randn(*s)).astype(ml_dtypes.bfloat16) for k, s in sorted(shapes.items())}
+    config = {"_class_name": "FAR_Wan_Transformer3DModel", "_diffusers_version": "0.35.1", "added_kv_proj_dim": None,
+              "attention_head_dim": d // 2, "chunk_partition": [1, 3, 3, 3, 3, 3, 3, 2], "compressed_patch_size": [1, 4, 4],
+              "cross_attn_norm": True, "deltatime_type": "r", "eps": 1e-06, "ffn_dim": ffn, "freq_dim": freq,
+              "full_chunk_limit": 3, "gate_value": 0.25, "image_dim": None, "in_channels": c, "init_far_model": True,
+              "init_flowmap_model": True, "num_attention_heads": 2, "num_layers": layers, "out_channels": c,
+              "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": text}
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    write_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"), list(tensors.items()))
+    return config, tensors
+
+
+def test_released_far_checkpoint_loads_exports_and_reloads_bit_exactly(tmp_path):
+    config, tensors = _released_far_checkpoint(str(tmp_path / "far"))
+    model, params = load_transformer(tmp_path / "far", dtype=None)  # keep the stored bf16
+    assert isinstance(model, FarWanTransformer3D) and model.flow_map and model.gate_value == 0.25
+    assert (model.chunk_partition, model.full_chunk_limit, model.compressed_patch_size) == (
+        (1, 3, 3, 3, 3, 3, 3, 2), 3, (1, 4, 4))
+    save_transformer(tmp_path / "out", model, params)
+    with open(tmp_path / "out" / "config.json") as fh:
+        assert json.load(fh) == config  # the reference class's keys and values, nothing more
+    written = SafetensorsFile(str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
+    assert set(written.keys()) == set(tensors)
+    for name, arr in tensors.items():
+        got = written.read(name)
+        assert got.dtype == arr.dtype and got.tobytes() == arr.tobytes(), name
+    model2, params2 = load_transformer(tmp_path / "out")  # fp32 by default: bf16 values exactly
+    assert model2.to_config() == model.to_config()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b)), params, params2)
+    # ... and through an Orbax model checkpoint (what tools/convert_checkpoint.py writes)
+    save_model(tmp_path / "orbax", model, params)
+    model3, params3 = load_model(tmp_path / "orbax", dtype=None)
+    assert isinstance(model3, FarWanTransformer3D) and model3.to_config() == model.to_config()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params3, params)
+    # strict: a FAR config without its compressed patch embedding, or a FAR checkpoint as a Wan DiT
+    os.remove(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    write_safetensors(str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"),
+                      [(k, v) for k, v in tensors.items() if not k.startswith("far_patch_embedding")])
+    with pytest.raises(CheckpointError, match=r"missing tensors \(2\): \['far_patch_embedding.bias', "
+                                              r"'far_patch_embedding.weight'\]"):
+        load_transformer(tmp_path / "out")
+    with pytest.raises(CheckpointError, match="cannot be loaded as a bidirectional Wan transformer"):
+        load_transformer(tmp_path / "far", far=False)
+
+
+def test_wan_checkpoint_as_a_new_far_network(tmp_path):
+    """far=True on a Wan checkpoint: the reference's setup_far_model (trilinear kernel, copied bias)."""
+    wan = WanTransformer3D(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=8,
+                           freq_dim=16, ffn_dim=16, num_layers=1, flow_map=True)
+    wparams = _random_params(wan, seed=6)
+    save_transformer(tmp_path / "wan", wan, wparams)
+    model, params = load_transformer(tmp_path / "wan", far=True, far_fields=dict(full_chunk_limit=2))
+    assert isinstance(model, FarWanTransformer3D) and model.full_chunk_limit == 2
+    np.testing.assert_array_equal(params["far_patch_embedding"]["bias"], wparams["patch_embedding"]["bias"])
+    np.testing.assert_array_equal(params["far_patch_embedding"]["kernel"], far.far_patch_kernel(
+        wparams["patch_embedding"]["kernel"], (1, 2, 2), 4))
+    save_transformer(tmp_path / "far", model, params)
+    model2, params2 = load_transformer(tmp_path / "far")
+    assert isinstance(model2, FarWanTransformer3D) and model2.to_config() == model.to_config()
+    jax.tree.map(np.testing.assert_array_equal, params2, params)

@@ -4,7 +4,10 @@ A diffusers transformer directory holds ``config.json`` and either one
 ``diffusion_pytorch_model.safetensors`` or shards listed in
 ``diffusion_pytorch_model.safetensors.index.json``. Released AnyFlow students use the same
 layout plus ``condition_embedder.delta_embedder.*`` tensors and ``gate_value`` /
-``deltatime_type`` in ``config.json``.
+``deltatime_type`` in ``config.json``; released AnyFlow-FAR students (``FAR_Wan_Transformer3DModel``
+with ``init_far_model``) add ``far_patch_embedding.*`` and ``compressed_patch_size`` /
+``full_chunk_limit`` / ``chunk_partition`` and load as
+:class:`~anyflow_jax.models.far_wan.FarWanTransformer3D`.
 
 The mapping is one declarative table (:func:`param_table`): diffusers name -> Flax path ->
 layout transform. Loading is strict: any missing, unexpected or mis-shaped tensor is an error
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anyflow_jax.checkpoints.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+from anyflow_jax.models.far_wan import FarWanTransformer3D, make_far_model
 from anyflow_jax.models.wan import WanTransformer3D
 
 CONFIG_NAME = "config.json"
@@ -101,6 +105,10 @@ def param_table(model: WanTransformer3D) -> list[Entry]:
         ("patch_embedding.bias", ("patch_embedding", "bias"), IDENTITY),
         ("scale_shift_table", ("scale_shift_table",), IDENTITY),
     ]
+    if isinstance(model, FarWanTransformer3D):  # FAR: the compressed patch embedding of older context
+        top += [("far_patch_embedding.weight", ("far_patch_embedding", "kernel"),
+                 _conv3d(model.compressed_patch_size, model.in_channels)),
+                ("far_patch_embedding.bias", ("far_patch_embedding", "bias"), IDENTITY)]
     top += _linear("proj_out", ("proj_out",))
     ce = ("condition_embedder",)
     embedders = ["time_embedder"] + (["delta_embedder"] if model.flow_map else [])
@@ -277,6 +285,7 @@ def _progress(iterable, total, desc, enabled):
 
 def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
                      gate_value: float | None = None, deltatime_type: str | None = None,
+                     far: bool | None = None, far_fields: Mapping[str, Any] | None = None,
                      model_kwargs: Mapping[str, Any] | None = None, progress: bool = False,
                      mesh=None, rules=None, shardings=None):
     """Load a diffusers-format Wan2.1 / AnyFlow transformer directory as ``(model, params)``.
@@ -291,6 +300,15 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
         teacher checkpoint.
       gate_value, deltatime_type: flow-map settings for a new student (defaults 0.25, ``'r'``);
         a released student's ``config.json`` values are used otherwise.
+      far: ``None`` follows the checkpoint: a ``FAR_Wan_Transformer3DModel`` with
+        ``init_far_model`` (the released ``AnyFlow-FAR-Wan2.1-*`` layout: ``far_patch_embedding``
+        tensors, ``compressed_patch_size`` / ``full_chunk_limit`` / ``chunk_partition`` in
+        ``config.json``) loads as a :class:`~anyflow_jax.models.far_wan.FarWanTransformer3D`, any
+        other as a :class:`WanTransformer3D`. ``True`` on a non-FAR checkpoint builds a new FAR
+        network whose ``far_patch_embedding`` is ``patch_embedding`` trilinearly resized (the
+        reference's ``setup_far_model``; ``far_fields`` sets its ``compressed_patch_size``,
+        ``full_chunk_limit``, ``chunk_partition``; not with ``mesh``/``shardings``). ``False``
+        requires a non-FAR checkpoint.
       model_kwargs: runtime fields of :class:`WanTransformer3D` (``dtype`` = compute dtype,
         ``attention_impl``, ``scan_layers``, ``remat_policy``).
       progress: show a progress bar while reading tensors.
@@ -336,8 +354,24 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
         raise ValueError(f"model_kwargs may only set {_RUNTIME_FIELDS}; got {unknown}")
     if dtype is not None:
         runtime.setdefault("dtype", jnp.dtype(dtype))
+    ckpt_is_far = bool(cfg.get("init_far_model")) or "far_patch_embedding.weight" in store.names()
+    if far is None:
+        far = ckpt_is_far
+    if ckpt_is_far and not far:
+        raise CheckpointError(f"{path}: this is a FAR (chunk-causal) checkpoint with far_patch_embedding; "
+                              "it cannot be loaded as a bidirectional Wan transformer (far=False)")
+    new_far = far and not ckpt_is_far
+    if new_far and (mesh is not None or shardings is not None):
+        raise ValueError("far=True on a non-FAR checkpoint builds far_patch_embedding on the host; "
+                         "load without mesh/shardings (or convert the checkpoint first)")
+    if far_fields and not new_far:
+        raise ValueError("far_fields only apply when far=True builds a new FAR network from a non-FAR checkpoint")
     try:
-        model = WanTransformer3D.from_config(cfg_model, **overrides, **runtime)
+        if ckpt_is_far:
+            model = FarWanTransformer3D.from_config(cfg_model, **overrides, **runtime)
+        else:
+            cfg_model = {k: v for k, v in cfg_model.items() if k != "init_far_model"}
+            model = WanTransformer3D.from_config(cfg_model, **overrides, **runtime)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/{CONFIG_NAME}: {e}") from None
 
@@ -380,6 +414,8 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
             _set(params, _flax_path(model, e), jnp.asarray(arr))
     for sub, arrs in per_layer.items():
         _set(params, ("blocks",) + sub, jnp.asarray(np.stack(arrs)))
+    if new_far:
+        model, params = make_far_model(model, params, **dict(far_fields or {}))
     return model, params
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from anyflow_jax.checkpoints.diffusers import CheckpointError, atomic_directory, check_params
+from anyflow_jax.models.far_wan import model_from_config
 from anyflow_jax.models.wan import WanTransformer3D
 
 MODEL_FILE = "model.json"
@@ -83,7 +84,7 @@ def load_model(path, *, dtype=jnp.float32, model_kwargs: Mapping[str, Any] | Non
     runtime["scan_layers"] = meta["scan_layers"]
     if dtype is not None:
         runtime.setdefault("dtype", jnp.dtype(dtype))
-    model = WanTransformer3D.from_config(meta["config"], **runtime)
+    model = model_from_config(meta["config"], **runtime)  # a FAR config builds the FAR network
     if mesh is not None:
         from anyflow_jax import parallel
         shardings = parallel.param_shardings(model.abstract_params(), mesh,

@@ -215,21 +215,57 @@ def _modulate(x32, shift, scale, frames):
     return (x4 * (1.0 + scale[:, :, None]) + shift[:, :, None]).reshape(b, l, d)
 
 
-def _gated(x32, y, gate, frames):
-    b, l, d = x32.shape
+def _gate_product(y, gate, frames):
+    b, l, d = y.shape
     y4 = y.astype(jnp.float32).reshape(b, frames, l // frames, d)
-    return x32 + (y4 * gate[:, :, None]).reshape(b, l, d)
+    return (y4 * gate[:, :, None]).reshape(b, l, d)
+
+
+def _per_segment(fn, segments, x32, *per_frame):
+    """``fn(x, *per_frame, frames)`` on each segment of the token axis and concatenated back.
+
+    ``segments``: ``None`` (the whole sequence is ``frames = per_frame[0].shape[1]`` frames of
+    equal token counts, the Wan layout) or static ``((frames, tokens_per_frame), ...)`` runs of
+    frames with their own token counts (FAR: compressed context, full frames, clean copy), the
+    per-frame arrays ``(B, sum(frames), D)`` holding the runs' frames in the same order. Per-token
+    modulation without a ``(B, L, 6, D)`` broadcast."""
+    if segments is None:
+        return fn(x32, *per_frame, per_frame[0].shape[1])
+    outs, f0, l0 = [], 0, 0
+    for frames, tpf in segments:
+        outs.append(fn(x32[:, l0:l0 + frames * tpf], *(a[:, f0:f0 + frames] for a in per_frame), frames))
+        f0, l0 = f0 + frames, l0 + frames * tpf
+    if l0 != x32.shape[1]:
+        raise ValueError(f"segments {segments} cover {l0} tokens, the sequence has {x32.shape[1]}")
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def _modulate_tokens(x32, shift, scale, segments):
+    return _per_segment(_modulate, segments, x32, shift, scale)
+
+
+def _gated_tokens(x32, y, gate, segments):
+    return x32 + _per_segment(_gate_product, segments, y, gate)
 
 
 class WanAttention(nn.Module):
-    """Self- (with RoPE) or cross-attention with RMS q/k norm across heads."""
+    """Self- (with RoPE) or cross-attention with RMS q/k norm across heads.
+
+    FAR extras (defaults keep the Wan network unchanged): ``mask`` (an
+    :class:`~anyflow_jax.models.attention.AttentionMask` over (queries, keys), passed to the
+    attention switch); ``kv_prefix`` (keys and values ``(B, Lp, H, Dh)`` of earlier tokens, before
+    RoPE, put in front of this call's own: the KV cache); ``rope`` as ``(cos, sin)`` for queries
+    and keys alike or ``(cos_q, sin_q, cos_k, sin_k)`` when the keys (cache + new) are longer than
+    the queries; ``return_kv``: also return this call's own keys and values before RoPE."""
     num_heads: int
     eps: float
     dtype: Any
     attention_impl: str
+    mask: Any = None
+    return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, context=None, rope=None):
+    def __call__(self, x, context=None, rope=None, kv_prefix=None):
         dim = x.shape[-1]
         kv_in = x if context is None else context
         q = Dense(dim, ("embed", "heads"), self.dtype, name="to_q")(x)
@@ -242,28 +278,42 @@ class WanAttention(nn.Module):
         q = constrain(q.reshape(b, lq, self.num_heads, hd), HEADS)
         k = constrain(k.reshape(b, k.shape[1], self.num_heads, hd), HEADS)
         v = constrain(v.reshape(b, v.shape[1], self.num_heads, hd), HEADS)
+        own_kv = (k, v)
+        if kv_prefix is not None:
+            k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
         if rope is not None:
-            q = constrain(apply_rope(q, *rope), HEADS)
-            k = constrain(apply_rope(k, *rope), HEADS)
-        out = constrain(dot_product_attention(q, k, v, implementation=self.attention_impl), HEADS)
+            q_rope, k_rope = (rope, rope) if len(rope) == 2 else (rope[:2], rope[2:])
+            q = constrain(apply_rope(q, *q_rope), HEADS)
+            k = constrain(apply_rope(k, *k_rope), HEADS)
+        out = constrain(dot_product_attention(q, k, v, implementation=self.attention_impl, mask=self.mask), HEADS)
         out = checkpoint_name(out.reshape(b, lq, dim), "attn_out")
-        return Dense(dim, ("heads", "embed"), self.dtype, name="to_out_0")(out)
+        out = Dense(dim, ("heads", "embed"), self.dtype, name="to_out_0")(out)
+        return (out, own_kv) if self.return_kv else out
 
 
 class WanBlock(nn.Module):
-    """One Wan transformer block (self-attn with adaLN + gate, cross-attn, FFN with adaLN + gate)."""
+    """One Wan transformer block (self-attn with adaLN + gate, cross-attn, FFN with adaLN + gate).
+
+    FAR extras (defaults keep the Wan block): ``segments`` (per-token modulation over runs of
+    frames with their own token counts, see :func:`_per_segment`), ``mask`` (self-attention
+    mask), ``kv_prefix`` / ``return_kv`` (the KV cache, see :class:`WanAttention`); with
+    ``return_kv`` the second output is the self-attention's own ``(k, v)`` before RoPE."""
     ffn_dim: int
     num_heads: int
     eps: float
     cross_attn_norm: bool
     dtype: Any
     attention_impl: str
+    segments: tuple[tuple[int, int], ...] | None = None
+    mask: Any = None
+    return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, context, mod, rope):
+    def __call__(self, x, context, mod, rope, kv_prefix=None):
         # x: (B, L, D) compute dtype; context: (B, Lc, D); mod: (B, F', 6, D) fp32.
         dim = x.shape[-1]
-        frames = mod.shape[1]
+        seg = self.segments
         table = self.param(
             "scale_shift_table",
             nn.with_logical_partitioning(lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(dim),
@@ -273,9 +323,13 @@ class WanBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (m[:, :, i] for i in range(6))
 
         x = constrain(x, RESIDUAL)
-        h = _modulate(_layer_norm(x, self.eps), shift_msa, scale_msa, frames).astype(x.dtype)
-        attn = WanAttention(self.num_heads, self.eps, self.dtype, self.attention_impl, name="attn1")(h, rope=rope)
-        x = constrain(_gated(x.astype(jnp.float32), attn, gate_msa, frames).astype(x.dtype), RESIDUAL)
+        h = _modulate_tokens(_layer_norm(x, self.eps), shift_msa, scale_msa, seg).astype(x.dtype)
+        attn = WanAttention(self.num_heads, self.eps, self.dtype, self.attention_impl, mask=self.mask,
+                            return_kv=self.return_kv, name="attn1")(h, rope=rope, kv_prefix=kv_prefix)
+        own_kv = None
+        if self.return_kv:
+            attn, own_kv = attn
+        x = constrain(_gated_tokens(x.astype(jnp.float32), attn, gate_msa, seg).astype(x.dtype), RESIDUAL)
 
         if self.cross_attn_norm:
             h = AffineLayerNorm(self.eps, name="norm2")(x).astype(x.dtype)
@@ -284,10 +338,10 @@ class WanBlock(nn.Module):
         x = constrain(x + WanAttention(self.num_heads, self.eps, self.dtype, self.attention_impl, name="attn2")(h, context),
                       RESIDUAL)
 
-        h = _modulate(_layer_norm(x, self.eps), c_shift, c_scale, frames).astype(x.dtype)
+        h = _modulate_tokens(_layer_norm(x, self.eps), c_shift, c_scale, seg).astype(x.dtype)
         ff = FeedForward(self.ffn_dim, self.dtype, name="ffn")(h)
-        x = constrain(_gated(x.astype(jnp.float32), ff, c_gate, frames).astype(x.dtype), RESIDUAL)
-        return x, None
+        x = constrain(_gated_tokens(x.astype(jnp.float32), ff, c_gate, seg).astype(x.dtype), RESIDUAL)
+        return x, own_kv
 
 
 class FeedForward(nn.Module):
@@ -385,7 +439,8 @@ class WanTransformer3D(nn.Module):
         """Build from a diffusers / AnyFlow ``config.json`` dict; ``overrides`` win."""
         cfg = dict(config)
         if cfg.get("init_far_model"):
-            raise ValueError("FAR (chunk-causal) checkpoints (init_far_model=true) are not supported yet")
+            raise ValueError("FAR (chunk-causal) checkpoints (init_far_model=true) are not supported yet by the "
+                             "bidirectional WanTransformer3D; build anyflow_jax.models.far_wan.FarWanTransformer3D")
         cfg.pop("init_far_model", None)
         fields = {f for f in cls.__dataclass_fields__ if f not in ("parent", "name")}
         unknown = sorted(k for k in cfg if k not in fields and k not in _IGNORED_CONFIG_KEYS)
@@ -521,8 +576,7 @@ class WanTransformer3D(nn.Module):
         dim = self.inner_dim
 
         # Patch embedding: a Conv3d with kernel = stride = patch_size, as a per-patch Dense.
-        x = latents.reshape(b, fp, pt, hp, ph, wp, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-        x = x.reshape(b, fp * hp * wp, pt * ph * pw * c)
+        x = patchify(latents, self.patch_size)
         x = constrain(Dense(dim, ("patch", "embed"), self.dtype, name="patch_embedding")(x), RESIDUAL)
 
         # Per-frame time embedding (one time per temporal patch) and text projection.
@@ -535,37 +589,85 @@ class WanTransformer3D(nn.Module):
         cos, sin = rope_tables(self.attention_head_dim, fp, hp, wp, self.rope_max_seq_len)
         rope = (jnp.asarray(cos), jnp.asarray(sin))
 
-        block = WanBlock
-        policy_name = self.remat_policy
-        if policy_name != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[policy_name], prevent_cse=not self.scan_layers)
-        kwargs = dict(ffn_dim=self.ffn_dim, num_heads=self.num_attention_heads, eps=self.eps,
-                      cross_attn_norm=self.cross_attn_norm, dtype=self.dtype,
-                      attention_impl=self.attention_impl)
-        if self.scan_layers:
-            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                             length=self.num_layers,
-                             metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, name="blocks")
-            x, _ = blocks(x, ctx, mod, rope)
-        else:
-            for i in range(self.num_layers):
-                x, _ = block(**kwargs, name=f"blocks_{i}")(x, ctx, mod, rope)
+        x, _ = run_blocks(self, x, ctx, mod, rope)
 
         # Output head: adaLN from the top-level table and temb, then project and unpatchify.
-        table = self.param(
-            "scale_shift_table",
-            nn.with_logical_partitioning(lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(dim),
-                                         (None, None, "norm")),
-            (1, 2, dim), jnp.float32)
-        x = constrain(x, RESIDUAL)
-        ss = table[None] + temb[:, :, None, :]  # (B, F', 2, D)
-        x = _modulate(_layer_norm(x, self.eps), ss[:, :, 0], ss[:, :, 1], fp).astype(self.dtype)
-        out_c = self.out_dim
-        x = Dense(pt * ph * pw * out_c, ("embed", "patch_out"), self.dtype,
-                  nn.initializers.zeros_init(), name="proj_out")(x)
-        x = x.reshape(b, fp, hp, wp, pt, ph, pw, out_c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-        return x.reshape(b, f, h, w, out_c).astype(jnp.float32)
+        x = output_head(self, x, temb)
+        return unpatchify(x, (b, f, h, w, self.out_dim), self.patch_size)
+
+
+# ------------------------------------------------------------------------------ shared pieces
+# The FAR network (models/far_wan.py) builds its forward from these same pieces and blocks; each
+# takes the calling module (a WanTransformer3D or subclass, inside its compact ``__call__``) so
+# the parameters they create keep the Wan names.
+def patchify(latents: jax.Array, patch_size) -> jax.Array:
+    """``(B, F, H, W, C)`` -> ``(B, F' * H' * W', pt * ph * pw * C)`` tokens in (frame, row, col)
+    order, each patch's values ordered (pt, ph, pw, C): a Conv3d with kernel = stride =
+    ``patch_size`` is then one Dense."""
+    b, f, h, w, c = latents.shape
+    pt, ph, pw = patch_size
+    fp, hp, wp = f // pt, h // ph, w // pw
+    x = latents.reshape(b, fp, pt, hp, ph, wp, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, fp * hp * wp, pt * ph * pw * c)
+
+
+def unpatchify(x: jax.Array, shape, patch_size) -> jax.Array:
+    """The inverse layout of :func:`patchify` for the output head: tokens ``(B, L, pt*ph*pw*C)``
+    (channels (pt, ph, pw, C), C fastest) -> ``shape = (B, F, H, W, C)`` in float32."""
+    b, f, h, w, out_c = shape
+    pt, ph, pw = patch_size
+    fp, hp, wp = f // pt, h // ph, w // pw
+    x = x.reshape(b, fp, hp, wp, pt, ph, pw, out_c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, f, h, w, out_c).astype(jnp.float32)
+
+
+def run_blocks(module: "WanTransformer3D", x, ctx, mod, rope, *, segments=None, mask=None, kv_prefix=None,
+               return_kv: bool = False):
+    """The ``num_layers`` Wan blocks of ``module`` (scanned or unrolled, rematerialised by its
+    policy) as its submodules ``blocks`` / ``blocks_<i>``. Returns ``(x, kv)``: ``kv`` is ``None``
+    unless ``return_kv`` (then each layer's self-attention ``(k, v)`` before RoPE, stacked on a
+    leading layer axis). ``kv_prefix``: per-layer cached ``(k, v)`` stacked the same way."""
+    block = WanBlock
+    policy_name = module.remat_policy
+    if policy_name != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[policy_name], prevent_cse=not module.scan_layers)
+    kwargs = dict(ffn_dim=module.ffn_dim, num_heads=module.num_attention_heads, eps=module.eps,
+                  cross_attn_norm=module.cross_attn_norm, dtype=module.dtype,
+                  attention_impl=module.attention_impl)
+    if segments is not None or mask is not None or return_kv:
+        kwargs.update(segments=segments, mask=mask, return_kv=return_kv)
+    args = (x, ctx, mod, rope) + (() if kv_prefix is None else (kv_prefix,))
+    if module.scan_layers:
+        in_axes = (nn.broadcast, nn.broadcast, nn.broadcast) + (() if kv_prefix is None else (0,))
+        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=in_axes, length=module.num_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, name="blocks")
+        return blocks(*args)
+    kvs = []
+    for i in range(module.num_layers):
+        layer_prefix = () if kv_prefix is None else (jax.tree.map(lambda a, i=i: a[i], kv_prefix),)
+        x, kv = block(**kwargs, name=f"blocks_{i}")(x, ctx, mod, rope, *layer_prefix)
+        kvs.append(kv)
+    if not return_kv:
+        return x, None
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+
+
+def output_head(module: "WanTransformer3D", x, temb, segments=None):
+    """adaLN from the top-level ``scale_shift_table`` and the per-frame ``temb`` (B, F', D), then
+    ``proj_out``: ``(B, L, D)`` -> ``(B, L, pt*ph*pw*out)`` in the compute dtype."""
+    dim = module.inner_dim
+    pt, ph, pw = module.patch_size
+    table = module.param(
+        "scale_shift_table",
+        nn.with_logical_partitioning(lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(dim),
+                                     (None, None, "norm")),
+        (1, 2, dim), jnp.float32)
+    x = constrain(x, RESIDUAL)
+    ss = table[None] + temb[:, :, None, :]  # (B, F', 2, D)
+    x = _modulate_tokens(_layer_norm(x, module.eps), ss[:, :, 0], ss[:, :, 1], segments).astype(module.dtype)
+    return Dense(pt * ph * pw * module.out_dim, ("embed", "patch_out"), module.dtype,
+                 nn.initializers.zeros_init(), name="proj_out")(x)
 
 
 def make_apply_fn(model: WanTransformer3D):
