@@ -76,6 +76,29 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Train LoRA adapters on a frozen base instead of the network's own weights (docs/lora.md).
+
+    ``targets``: the adapted linears of the trained network, a named set of
+    :data:`anyflow_jax.lora.WAN_TARGETS` (``teacher``, ``critic``, ``student``) or a list of
+    reference module-name patterns (``attn1.to_q``, ``time_embedder``, ...); empty: ``student`` for
+    a flow-map student, else ``teacher``. ``critic_targets``: the same for stage 2's critic
+    (empty: ``critic``). ``alpha`` 0 means ``rank`` (scale 1). With LoRA on,
+    ``optim.trainable_patterns`` select among the adapter factors (paths such as
+    ``blocks/attn1/to_q/kernel/lora_A``); empty: all of them.
+    """
+    enabled: bool = False
+    rank: int = 256  # the reference's rank and alpha (scale alpha / rank = 1)
+    alpha: float = 256.0
+    targets: tuple = ()
+    critic_targets: tuple = ()
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha) if self.alpha else float(self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "moving_digits"  # or "array_record" (precomputed latents, docs/data.md)
     global_batch_size: int = 16
@@ -132,6 +155,7 @@ class RunConfig:
     model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
+    lora: LoraConfig = LoraConfig()
 
     @property
     def record(self) -> stage_registry.Stage:
@@ -139,7 +163,7 @@ class RunConfig:
 
 
 _SECTIONS = {"init": InitConfig, "mesh": MeshConfig, "train": TrainConfig, "ema": EmaConfig, "optim": OptimConfig,
-             "critic_optim": OptimConfig, "data": DataConfig, "eval": EvalConfig}
+             "critic_optim": OptimConfig, "data": DataConfig, "eval": EvalConfig, "lora": LoraConfig}
 _FREE = ("loss", "critic_loss", "model")  # checked by the objective / the model
 
 
@@ -322,6 +346,7 @@ def _check_values(c: RunConfig) -> None:
         raise RunError("config.eval: give either prompts_file or contexts, not both")
     if e.every and e.metrics and c.data.source != "moving_digits":
         raise RunError("config.eval.metrics needs moving-digits data (its classifier is trained on those videos)")
+    _check_lora(c)
     if c.data.source not in DATA_SOURCES:
         raise RunError(f"config.data.source={c.data.source!r}: expected one of {DATA_SOURCES}")
     if not record.random_init and not c.init.student:
@@ -331,5 +356,28 @@ def _check_values(c: RunConfig) -> None:
         raise RunError(f"config.init.teacher is empty: stage {record.name!r} needs a frozen teacher checkpoint")
 
 
-__all__ = ["RunConfig", "InitConfig", "MeshConfig", "TrainConfig", "EmaConfig", "OptimConfig", "DataConfig", "EvalConfig",
+def _check_lora(c: RunConfig) -> None:
+    lo = c.lora
+    if lo.rank < 1:
+        raise RunError(f"config.lora.rank must be >= 1, got {lo.rank}")
+    if lo.alpha < 0:
+        raise RunError(f"config.lora.alpha must be positive (0: the rank), got {lo.alpha}")
+    from anyflow_jax.lora import WAN_TARGETS
+    for field in ("targets", "critic_targets"):
+        value = getattr(lo, field)
+        if any(not isinstance(v, str) or not v for v in value):
+            raise RunError(f"config.lora.{field} must be a target set ({', '.join(sorted(WAN_TARGETS))}) or "
+                           f"module-name patterns (strings), got {list(value)}")
+        named = [v for v in value if v in WAN_TARGETS]
+        if named and len(value) > 1:
+            raise RunError(f"config.lora.{field}: a named target set ({named[0]!r}) stands alone, got {list(value)}")
+    if lo.enabled and c.record.random_init and not c.init.student:
+        raise RunError(f"config.lora.enabled: stage {c.stage!r} starts from random weights here (config.init.student is "
+                       "empty); LoRA adapts a pretrained base (and Wan's zero-initialised output head would never "
+                       "move), so give config.init.student or set config.lora.enabled=False")
+    if lo.critic_targets and not c.record.has_critic:
+        raise RunError(f"config.lora.critic_targets is set but stage {c.stage!r} has no critic")
+
+
+__all__ = ["RunConfig", "InitConfig", "LoraConfig", "MeshConfig", "TrainConfig", "EmaConfig", "OptimConfig", "DataConfig", "EvalConfig",
            "default_config", "parse", "set_field", "unknown_field_message", "DATA_SOURCES"]

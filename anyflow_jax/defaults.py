@@ -55,6 +55,10 @@ def toy_data_config() -> ml_collections.ConfigDict:
 # 1000 teacher steps). The toy therefore uses k = 1 in every stage; the Wan configs keep 5.
 TOY_SHIFT = 1.0
 TOY_ROOT = "runs/toy"
+# LoRA on the toy (off by default: --override lora.enabled=true). The toy's linears are 64 wide
+# (the FFN 256), so rank 16 is a quarter of the width, as the reference's 256 is a sixth of
+# Wan 1.3B's 1536; alpha = rank keeps the reference's scale 1.
+TOY_LORA_RANK = 16
 
 # Toy training settings per stage (dotted config fields); a stage without an entry (e.g. one
 # registered by a user) gets TOY_GENERIC.
@@ -74,7 +78,17 @@ TOY_STAGES = {
                   "eval.classifier_dir": f"{TOY_ROOT}/eval/classifier"},
     "consistency": {"optim.lr": 3e-4, "optim.b1": 0.9, "optim.b2": 0.99, "optim.warmup_steps": 20,
                     "ema.decay": 0.99, "ema.warmup_steps": 20, "train.steps": 400},
+    "far_flow_map": {"optim.lr": 3e-4, "optim.b2": 0.99, "optim.warmup_steps": 20, "ema.decay": 0.99,
+                     "ema.warmup_steps": 20, "train.steps": 400},
 }
+
+# The FAR network of the toy's causal stages (docs/far.md): the reference's partition
+# [1,3,3,3,3,3,3,2] of 21 latent frames with a 3-chunk full window, scaled to the toy's 8 frames
+# (a 1-frame first chunk, the image slot; then 3, 2, 2) with a 2-chunk window, so a step trains on
+# 2, 3 or 4 chunks and 3 or 4 have compressed context. The compressed patch is twice the toy's
+# (1,4,4) patch in h and w, as the reference's (1,4,4) is twice Wan's (1,2,2): 2x2 tokens per
+# context frame instead of 4x4.
+TOY_FAR_MODEL = {"chunk_partition": (1, 3, 2, 2), "full_chunk_limit": 2, "compressed_patch_size": (1, 8, 8)}
 
 
 def _set_shift(c: ml_collections.ConfigDict, shift: float) -> None:
@@ -96,8 +110,11 @@ def toy_config(stage: str) -> ml_collections.ConfigDict:
     c = default_config(stage)
     record = stages.get(stage)
     c.model = toy_model_config()
+    if record.student_is_far:
+        c.model.update(TOY_FAR_MODEL)
     c.data = toy_data_config()
     c.train.update(dict(log_every=50, checkpoint_every=200))
+    c.lora.update(dict(enabled=False, rank=TOY_LORA_RANK, alpha=float(TOY_LORA_RANK)))
     _set_shift(c, TOY_SHIFT)
     for field, source in record.starts_from.items():
         c.init[field] = f"{TOY_ROOT}/{source}"
@@ -116,7 +133,8 @@ WAN_SIZES = {
                 mesh=dict(data=1, fsdp=-1, tensor=4)),
 }
 
-# The reference's LoRA targets, as Flax path patterns (here trained in full; see configs/wan_t2v.py).
+# The reference's LoRA targets, as Flax path patterns: with LoRA (the default) they select every
+# adapter factor; with lora.enabled=False these modules' full weights and biases are trained.
 _ATTN_FFN = [r"attn1/to_(q|k|v|out_0)/", r"ffn/net_(0|2)/"]
 _EMBEDDERS = [r"condition_embedder/(time|delta)_embedder/"]
 
@@ -139,4 +157,7 @@ def wan_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.optim.trainable_patterns = list(_ATTN_FFN) + (list(_EMBEDDERS) if record.student_is_flow_map else [])
     if record.has_critic:
         c.critic_optim.trainable_patterns = list(_ATTN_FFN)
+    # the reference's PEFT LoRA for every network of every stage: rank 256, alpha 256, targets by
+    # stage (teacher/critic: self-attention and FFN; students: plus the time/delta embedders)
+    c.lora.update(dict(enabled=True, rank=256, alpha=256.0))
     return c

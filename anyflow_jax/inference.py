@@ -170,8 +170,9 @@ class Generator:
     conditioning: Conditioning = dataclasses.field(default_factory=Conditioning)
 
     def __post_init__(self):
-        self._apply = make_apply_fn(self.model)
         self._sampler = stage_registry.get_sampler(self.kind)
+        # a causal sampler (a FAR student's chunk loop) takes the FAR module itself
+        self._apply = self.model if self._sampler.causal else make_apply_fn(self.model)
         self._fns: dict = {}
         self._programs: dict = {}
         self.traces = 0  # how often the any-step sampler was traced (each trace is a compile)
@@ -236,6 +237,11 @@ class Generator:
         return self._program(g)(self.params, noise, context, neg_context, keys, grid, np.int32(steps))
 
 
+def _is_far(model) -> bool:
+    from anyflow_jax.models.far_wan import FarWanTransformer3D
+    return isinstance(model, FarWanTransformer3D)
+
+
 def load_generator(path: str, *, kind: str | None = None, use_ema: bool = True,
                    model_kwargs: dict | None = None) -> Generator:
     """Load a checkpoint for sampling; ``kind`` must match the checkpoint when both are known."""
@@ -256,15 +262,17 @@ def load_generator(path: str, *, kind: str | None = None, use_ema: bool = True,
     if stage is not None:
         found = stage_registry.get(stage).sampler
     else:
-        found = "flow_map" if model.flow_map else "teacher"
+        found = ("causal_flow_map" if _is_far(model) else "flow_map") if model.flow_map else "teacher"
     # outside a workdir a single-time model may be declared a consistency model
     declared_ok = stage is None and not model.flow_map and kind is not None and \
         not stage_registry.get_sampler(kind).flow_map_model
-    if kind is not None and kind != found and not declared_ok:
+    if kind is not None and not stage_registry.kind_matches(found, kind) and not declared_ok:
         raise RunError(f"{path} is a {found} checkpoint{f' (stage {stage})' if stage else ''}, not {kind}")
-    kind = kind or found
+    kind = found if kind is None or stage_registry.kind_matches(found, kind) else kind
     if stage_registry.get_sampler(kind).flow_map_model and not model.flow_map:
         raise RunError(f"{path}: a flow-map sampler needs a flow-map model")
+    if stage_registry.get_sampler(kind).causal and not _is_far(model):
+        raise RunError(f"{path}: the {kind} sampler needs a FAR (chunk-causal) network")
     shift = float(meta.get("config", {}).get("loss", {}).get("shift", 5.0)) if src_kind == "workdir" else 5.0
     return Generator(kind=kind, stage=stage or kind, model=model, params=params, path=path, data=data, shift=shift,
                      conditioning=conditioning_for(data, model))

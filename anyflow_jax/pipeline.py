@@ -30,7 +30,7 @@ from anyflow_jax.config import set_field
 from anyflow_jax.defaults import toy_config
 from anyflow_jax.errors import RunError
 
-ORDER = stage_registry.names()  # the registered stages, in registration order
+ORDER = stage_registry.pipeline_names()  # the registered stages (toy_pipeline), in registration order
 
 
 def stage_config(stage: str, root: str, overrides: dict, steps_scale: float = 1.0, *,
@@ -51,6 +51,10 @@ def stage_config(stage: str, root: str, overrides: dict, steps_scale: float = 1.
             set_field(c, key, value)
         except RunError as e:
             raise RunError(f"--override {key}: {e}") from None
+    if c.lora.enabled and not c.init.student:
+        # the toy teacher is the toy's pretraining (random init): trained in full, and every later
+        # stage adapts it with LoRA (configs/toy.py)
+        c.lora.enabled = False
     return c
 
 
@@ -93,7 +97,7 @@ def run(root: str, *, stages=None, overrides=None, steps_scale: float = 1.0,
     from anyflow_jax.config import parse
     from anyflow_jax.training.loop import train
     root = os.path.abspath(root)
-    stages = stage_registry.names() if stages is None else tuple(stages)
+    stages = stage_registry.pipeline_names() if stages is None else tuple(stages)
     configs = {stage: stage_config(stage, root, overrides or {}, steps_scale, classifier_root=classifier_root)
                for stage in stages}
     for config in configs.values():
@@ -117,7 +121,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m anyflow_jax.pipeline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="runs/toy")
-    ap.add_argument("--stages", default=",".join(stage_registry.names()), help="comma-separated subset, in order")
+    ap.add_argument("--stages", default=",".join(stage_registry.pipeline_names()),
+                    help="comma-separated subset, in order (any registered stage)")
     ap.add_argument("--override", action="append", metavar="FIELD=VALUE",
                     help="config field for every stage, e.g. data.global_batch_size=8 (YAML value)")
     # dashes, as every other CLI; the underscore spellings of earlier versions keep working

@@ -155,7 +155,8 @@ def check_checkpoint(path: str, kind: str | None = None) -> None:
         stage, found = run_files.workdir_sampler(full)
     except (RunError, OSError, ValueError, KeyError) as e:
         raise UsageError(f"--checkpoint {path}: cannot read {run_files.RUN_FILE}: {e}") from None
-    if found is not None and found != kind:  # the loader raises the same error, after loading
+    from anyflow_jax.stages import kind_matches
+    if found is not None and not kind_matches(found, kind):  # the loader raises the same error, after loading
         raise UsageError(f"{full} is a {found} checkpoint (stage {stage}), not {kind}")
 
 

@@ -17,7 +17,15 @@ stage           objective (``anyflow_jax.losses``)          networks
                 and ``onpolicy_critic_loss``
 ``consistency`` ``consistency_distillation_loss``           trained student, its EMA as target
                 (baseline; discrete or continuous time)     (discrete time), frozen teacher
+``far_flow_map`` ``causal_flow_map_loss`` (causal stage 1:  trained FAR (chunk-causal) flow-map
+                teacher forcing with the clean copy,        student, made from the teacher
+                chunk-count sampling, 10% bidirectional)    (``student_is_far``)
 ==============  ==========================================  =====================================
+
+A FAR stage (``student_is_far``) trains the chunk-causal network of
+:mod:`anyflow_jax.models.far_wan`: the trainer turns its starting point into one with
+``make_far_model`` (FAR fields from ``config.model``), and its models sample chunk by chunk
+(the ``causal_flow_map`` sampler, :mod:`anyflow_jax.flow.causal_sampling`).
 
 This module imports the losses and the flow math only: sampling and inference use it without
 the trainer, and the configs use it without importing any training code.
@@ -49,6 +57,9 @@ class Sampler:
     flow_map_model: bool = False  # the sampler needs a two-time (flow-map) model
     stochastic: bool = False
     description: str = ""
+    # the sampler needs a FAR (chunk-causal) network: ``run``'s first argument is then the FAR
+    # module itself (the chunk loop calls its cache paths), not an apply function
+    causal: bool = False
 
 
 def _ode(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
@@ -62,6 +73,14 @@ def _flow_map(apply_fn, params, noise, context, *, num_steps, shift, guidance, n
     del keys
     return sampling.sample(apply_fn, params, noise, context, num_steps=num_steps, shift=shift,
                            guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None, grid=grid)
+
+
+def _causal_flow_map(model, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
+    del keys
+    from anyflow_jax.flow import causal_sampling  # the sampler of FAR networks (imports no model code)
+    return causal_sampling.causal_sample(model, params, noise, context, num_steps=num_steps, shift=shift,
+                                         guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None,
+                                         grid=grid)
 
 
 def _consistency(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
@@ -78,6 +97,10 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("flow_map", _flow_map, 1.0, flow_map_model=True, description="any-step flow-map jumps"),
         Sampler("consistency", _consistency, 1.0, supports_guidance=False, stochastic=True,
                 description="multistep consistency sampling (re-noising)"),
+        # the FAR student: chunk by chunk, each chunk's any-step jumps against the KV cache of the
+        # chunks before it (re-encoded per chunk); guidance fused, as the bidirectional student
+        Sampler("causal_flow_map", _causal_flow_map, 1.0, flow_map_model=True, causal=True,
+                description="chunk-by-chunk any-step flow-map jumps with the KV cache (FAR)"),
     )
 }
 
@@ -86,6 +109,16 @@ def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise RunError(f"unknown sampler kind {name!r}; expected one of {tuple(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def kind_matches(found: str, declared: str) -> bool:
+    """Whether a checkpoint of sampler kind ``found`` may be loaded as ``declared``: the same kind,
+    or ``flow_map`` declared for a causal flow-map checkpoint (a FAR student, which always samples
+    chunk by chunk)."""
+    if found == declared:
+        return True
+    s = SAMPLERS.get(found)
+    return s is not None and s.causal and s.flow_map_model and declared == "flow_map"
 
 
 # ------------------------------------------------------------------------------------ objectives
@@ -100,7 +133,8 @@ class Networks:
     ``teacher_apply``/``teacher_params`` the frozen teacher (``None`` when the stage needs none);
     ``critic_apply``/``critic_params`` the stage-2 critic (``None`` otherwise). The step puts the
     tree being differentiated into its field: ``student_params`` for the generator objective,
-    ``critic_params`` for the critic objective.
+    ``critic_params`` for the critic objective. ``student_model`` is the student's module, for
+    adapters that need its static layout (the FAR chunk partition); ``None`` where unknown.
     """
     student_apply: Callable
     student_params: Any
@@ -109,6 +143,7 @@ class Networks:
     teacher_params: Any = None
     critic_apply: Callable | None = None
     critic_params: Any = None
+    student_model: Any = None
 
 
 Objective = Callable[[Networks, Mapping[str, Any], Any, Mapping[str, Any]], tuple[Any, dict]]
@@ -131,6 +166,35 @@ def _consistency_objective(nets, batch, key, options):
 def _onpolicy_objective(nets, batch, key, options):
     return losses.onpolicy_generator_loss(nets.student_apply, nets.student_params, nets.teacher_apply, nets.teacher_params,
                                           nets.critic_apply, nets.critic_params, batch, key, **options)
+
+
+def far_loss_options(model, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the FAR network's ``chunk_partition``/``full_chunk_limit`` filled in (a value
+    set in ``config.loss`` must equal the network's)."""
+    opts = dict(options)
+    for name in ("chunk_partition", "full_chunk_limit"):
+        have = getattr(model, name, None) if model is not None else None
+        given = opts.get(name)
+        if given is None:
+            if have is None:
+                raise RunError(f"config.loss.{name} is unset and the student is not a FAR network")
+            opts[name] = have
+        elif have is not None and (tuple(given) if name == "chunk_partition" else given) != have:
+            raise RunError(f"config.loss.{name}={given!r} differs from the FAR student's {name}={have!r} "
+                           "(leave it unset: the objective takes the network's)")
+    return opts
+
+
+def _causal_flow_map_objective(nets, batch, key, options):
+    apply = nets.student_apply
+
+    def causal(p, z, t, r, c, clean):  # the chunk-causal forward with the clean copy
+        return apply(p, z, t, r, c, clean=clean)
+
+    def bidirectional(p, z, t, r, c):  # the same weights' bidirectional path
+        return apply(p, z, t, r, c, causal=False)
+    return losses.causal_flow_map_loss(causal, bidirectional, nets.student_params, batch, key,
+                                       **far_loss_options(nets.student_model, options))
 
 
 def _onpolicy_critic_objective(nets, batch, key, options):
@@ -156,6 +220,10 @@ class Stage:
       updated after every generator step group; ``None`` for single-network stages.
     - ``student_is_flow_map``: the trained network is a two-time flow-map model (a teacher
       starting point is converted, the delta embedder copied from the time embedder).
+    - ``student_is_far``: the trained network is the FAR chunk-causal network (a bidirectional
+      starting point is converted with ``make_far_model``, its FAR fields from ``config.model``);
+      its sampler must be a causal one.
+    - ``toy_pipeline``: the toy pipeline trains and evaluates it by default.
     - ``needs_teacher``: a frozen teacher (``config.init.teacher``) is an input of the objective.
     - ``sampler``: the :data:`SAMPLERS` kind its models sample with.
     - ``eval_name``: the model's name in evaluations of the toy pipeline.
@@ -172,6 +240,7 @@ class Stage:
     sampler: str
     eval_name: str
     student_is_flow_map: bool = False
+    student_is_far: bool = False
     needs_teacher: bool = False
     critic_objective: Objective | None = None
     critic_loss_fn: Callable | None = None
@@ -181,6 +250,7 @@ class Stage:
     critic_loss_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    toy_pipeline: bool = True
 
     @property
     def has_critic(self) -> bool:
@@ -201,6 +271,9 @@ class Stage:
         get_sampler(self.sampler)
         if self.student_is_flow_map != get_sampler(self.sampler).flow_map_model:
             raise ValueError(f"stage {self.name!r}: student_is_flow_map={self.student_is_flow_map} does not match "
+                             f"sampler {self.sampler!r}")
+        if self.student_is_far != get_sampler(self.sampler).causal:
+            raise ValueError(f"stage {self.name!r}: student_is_far={self.student_is_far} does not match "
                              f"sampler {self.sampler!r}")
         if (self.critic_objective is None) != (self.critic_loss_fn is None):
             raise ValueError(f"stage {self.name!r}: critic_objective and critic_loss_fn go together")
@@ -266,6 +339,11 @@ def names() -> tuple[str, ...]:
     return tuple(STAGES)
 
 
+def pipeline_names() -> tuple[str, ...]:
+    """The stages the toy pipeline runs by default (``toy_pipeline``), in registration order."""
+    return tuple(name for name, s in STAGES.items() if s.toy_pipeline)
+
+
 def by_sampler(kind: str) -> tuple[Stage, ...]:
     return tuple(s for s in STAGES.values() if s.sampler == kind)
 
@@ -306,6 +384,21 @@ register(Stage(
                      "ema.decay": 0.99, "ema.warmup_steps": 200},
     description="consistency-distillation baseline with an EMA target"))
 
+# Causal FAR stage 1 (the reference's FAR_Wan_AnyFlow_Pretrain_Trainer, spec section 4.7): the
+# stage-1 options plus the chunk-count sampling and the bidirectional branch. The chunk partition
+# and the full-chunk window are the FAR network's (config.model), filled in by the adapter.
+REFERENCE_FAR_FLOW_MAP_LOSS = dict(REFERENCE_FLOW_MAP_LOSS, long_context_ratio=0.5, bidirectional_prob=0.1)
+
+register(Stage(
+    name="far_flow_map", objective=_causal_flow_map_objective, loss_fn=losses.causal_flow_map_loss,
+    sampler="causal_flow_map", eval_name="anyflow_far_stage1", student_is_flow_map=True, student_is_far=True,
+    starts_from={"student": "teacher"}, loss_defaults=dict(REFERENCE_FAR_FLOW_MAP_LOSS),
+    # not in the toy pipeline's default stages yet (issue 15 item 5: the causal toy and its evaluation)
+    toy_pipeline=False,
+    description="causal stage 1 (FAR): teacher-forced chunk-causal flow-map loss with the clean copy, chunk-count "
+                "sampling with the long-context ratio, 10% bidirectional flow matching"))
+
 
 __all__ = ["Stage", "Sampler", "Networks", "STAGES", "SAMPLERS", "register", "unregister", "get", "names",
-           "get_sampler", "by_sampler", "single_network", "check_options", "REFERENCE_FLOW_MAP_LOSS"]
+           "pipeline_names", "get_sampler", "kind_matches", "by_sampler", "single_network", "check_options", "far_loss_options",
+           "REFERENCE_FLOW_MAP_LOSS", "REFERENCE_FAR_FLOW_MAP_LOSS"]

@@ -15,6 +15,13 @@ Stage 2 (on_policy) runs the periodic evaluators every 50 steps: samples and FD,
 ODE distance at 1, 4 and 32 steps (`eval/*` in its metrics; the classifier is trained once in
 runs/toy/eval/classifier, which the pipeline's evaluation reuses); `--config.eval.every=0`
 turns them off.
+
+What is trained: every parameter of each stage's network (a full fine-tune; stage 2 also the
+critic, a copy of the teacher). With --config.lora.enabled=True a stage that starts from a
+checkpoint trains rank-16 LoRA adapters (alpha 16, the reference's targets per stage) on that
+frozen network instead, as the Wan configs do by default; the teacher starts from random weights,
+which LoRA cannot adapt (Wan's output head starts at zero), so it always trains in full (the toy
+pipeline's `--override lora.enabled=true` makes every later stage LoRA).
 """
 from anyflow_jax.defaults import toy_config
 

@@ -19,9 +19,14 @@ format of docs/data.md (81 frames at 480x832 -> latents (21, 60, 104, 16)), and 
 prompt's UMT5 embedding as a .npy file of shape (1, 512, 4096). Multi-host: add
 --distributed (TPU pods) or --coordinator_address/--num_processes/--process_id.
 
-Deviation from the reference: the reference trains LoRA adapters (rank 256) on a frozen base;
-LoRA is not implemented yet, so these configs fine-tune the parameter subset named by
-optim.trainable_patterns (the reference's LoRA targets) in full.
+What is trained: as in the reference, LoRA adapters (rank 256, alpha 256, PEFT init; config.lora)
+on the frozen base, with only the adapter factors optimised (their EMA and Adam state; the base is
+written once to <workdir>/base). Teacher and stage-2 critic: attn1.to_q/k/v, attn1.to_out.0,
+ffn.net.0.proj, ffn.net.2 of every block; flow-map student (stage 1, continued in stage 2 and in
+the consistency baseline): those plus the time/delta embedders' linear_1/linear_2. Stage 2's real
+score is the teacher's base with its EMA adapter merged once; its critic starts from that adapter
+on the teacher's base. --config.lora.enabled=False fine-tunes the full weights and biases of the
+same modules instead (optim.trainable_patterns / critic_optim.trainable_patterns).
 """
 from anyflow_jax.defaults import wan_config
 

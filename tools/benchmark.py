@@ -235,7 +235,7 @@ def bench_stage(stage: str, repeats: int, workdir: str) -> dict:
     run = loop.build_run(c, os.path.join(workdir, f"stage_{stage}"))
     try:
         state = loop.restore_or_init(run)
-        frozen = jax.device_put(run.nets.teacher_params, run.teacher_shardings) if run.record.needs_teacher else None
+        frozen = loop.place_frozen(run)
         run.nets.teacher_params = None
         batch = run.next_batch()
         t0 = time.perf_counter()

@@ -3,9 +3,13 @@
 A training workdir holds ``run.json`` (stage, model config and the full run config) and
 ``checkpoints/<step>/`` with one Orbax item per train-state field (``meta`` = step and RNG,
 ``params``, ``ema_params``, ``opt_state``, ``critic_params``, ``critic_opt_state``) plus the Grain
-iterator state (``data``). The trainer writes them (``anyflow_jax.training.run_checkpoints``);
-this module only reads: a later stage, the sampler or the evaluation load one item (the EMA
-weights by default) of a workdir's latest checkpoint, without any training code.
+iterator state (``data``). A LoRA run (``run.json`` has a ``lora`` entry: rank, alpha, adapted
+kernel paths) checkpoints the adapters in those items and its frozen base once, in
+``base/params`` (and ``base/critic_params`` for a stage-2 critic); readers merge the two
+(:func:`load_start`), or take them apart (:func:`load_start_parts`). The trainer writes them
+(``anyflow_jax.training.run_checkpoints``); this module only reads: a later stage, the sampler or
+the evaluation load one item (the EMA weights by default) of a workdir's latest checkpoint,
+without any training code.
 
 :func:`load_start` also reads the two other checkpoint kinds, an Orbax model checkpoint
 (:mod:`anyflow_jax.checkpoints.model`) and a diffusers transformer folder
@@ -13,6 +17,8 @@ weights by default) of a workdir's latest checkpoint, without any training code.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -25,6 +31,7 @@ import jax
 from anyflow_jax.checkpoints import diffusers as dif
 from anyflow_jax.checkpoints import model as model_ckpt
 from anyflow_jax.errors import RunError
+from anyflow_jax.models import far_wan
 from anyflow_jax.models.wan import WanTransformer3D
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,7 @@ STATE_ITEMS = ("meta", "params", "ema_params", "opt_state", "critic_params", "cr
 ITEMS = STATE_ITEMS + ("data",)
 PARAM_ITEMS = ("params", "ema_params", "critic_params")
 KINDS = ("workdir", "model", "diffusers")
+BASE_DIR = "base"  # <workdir>/base/<item>: the frozen base of a LoRA run, written once per run
 
 
 # ----------------------------------------------------------------------------------- run.json
@@ -111,9 +119,18 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
 def _shapes(tree) -> dict[str, tuple]:
+    """``{path: shape}``; paths join key names with '/', so a dataclass node (LoRA factors) and
+    the dict Orbax's metadata shows for it compare equal."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
-    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves if hasattr(v, "shape")}
+    return {"/".join(_key_name(e) for e in k): tuple(v.shape) for k, v in leaves if hasattr(v, "shape")}
 
 
 def check_step(directory: str, step: int, items: Sequence[str], targets: dict[str, Any] | None = None) -> None:
@@ -269,13 +286,97 @@ def restore_run_item(workdir: str, item: str, abstract: Any, step: int | None = 
         checkpointer.close()
 
 
-def load_start(path: str, *, runtime: dict, use_ema: bool = True,
-               field: str = "config.init", mesh=None) -> tuple[WanTransformer3D, Any, str]:
-    """Load ``(model, params, description)`` from a workdir (its latest checkpoint, EMA weights
-    by default), an Orbax model checkpoint or a diffusers folder.
+@dataclasses.dataclass
+class StartParts:
+    """A starting checkpoint taken apart: ``base`` parameters and, for a LoRA workdir, its
+    ``adapters`` (``None`` otherwise: ``base`` is then the whole network)."""
+    model: WanTransformer3D
+    base: Any
+    adapters: Any
+    description: str
 
-    With a ``mesh`` the params come back on it, sharded by ``parallel.DEFAULT_RULES``, each
-    device's shards read on their own (no whole host copy); without one, on the default device."""
+    def merged(self):
+        """The network's effective parameters (the adapters merged once; the base itself when
+        there are none)."""
+        if self.adapters is None:
+            return self.base
+        from anyflow_jax import lora
+        return lora.merge(self.base, self.adapters)
+
+
+def lora_info(meta: dict | None) -> dict | None:
+    """The ``lora`` entry of a ``run.json`` (``None`` for a full fine-tune)."""
+    return (meta or {}).get("lora") or None
+
+
+def lora_target_paths(info: dict, which: str = "params") -> list[tuple[str, ...]]:
+    """Adapted kernel paths of a LoRA run's ``params`` (student) or ``critic_params``."""
+    key = "critic_targets" if which == "critic_params" else "targets"
+    return [tuple(p.split("/")) for p in info[key]]
+
+
+def boxed_abstract_params(model: WanTransformer3D):
+    """``model.abstract_params()`` (shapes with logical-axis boxes), computed once per model
+    configuration (a module is equal to another with the same fields; tracing the init takes a
+    noticeable fraction of a second even for a tiny model)."""
+    try:
+        return _cached_abstract_params(model)
+    except TypeError:  # a field that cannot be hashed
+        return model.abstract_params()
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_abstract_params(model):
+    return model.abstract_params()
+
+
+def _placed(abstract, mesh, shardings_of):
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                                  shardings_of())
+
+
+def abstract_params(model: WanTransformer3D, mesh=None):
+    """The model's parameters as ``ShapeDtypeStruct``s placed on ``mesh`` (sharded by
+    ``parallel.DEFAULT_RULES``) or on the default device."""
+    from flax import linen as nn
+    from anyflow_jax import parallel
+    return _placed(nn.meta.unbox(boxed_abstract_params(model)), mesh,
+                   lambda: parallel.param_shardings(boxed_abstract_params(model), mesh))
+
+
+def abstract_run_adapters(model: WanTransformer3D, info: dict, which: str = "params", mesh=None):
+    """The adapters of a LoRA run's item ``which`` (``params``/``ema_params``/``critic_params``)
+    as placed ``ShapeDtypeStruct``s with their :class:`~anyflow_jax.lora.LoraWeights` nodes."""
+    from flax import linen as nn
+    from anyflow_jax import lora
+    base = nn.meta.unbox(boxed_abstract_params(model))
+    abstract = lora.abstract_adapters(base, lora_target_paths(info, which), int(info["rank"]), float(info["alpha"]))
+    return _placed(abstract, mesh, lambda: lora.adapter_shardings(abstract, boxed_abstract_params(model), mesh))
+
+
+def restore_base(workdir: str, model: WanTransformer3D, item: str = "params", mesh=None):
+    """The frozen base of a LoRA run (``<workdir>/base/<item>``), placed like :func:`abstract_params`."""
+    import orbax.checkpoint as ocp
+    path = os.path.join(os.path.abspath(workdir), BASE_DIR, item)
+    if not os.path.isdir(path):
+        raise RunError(f"{workdir} is a LoRA run without its frozen base ({BASE_DIR}/{item} is missing)")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore(path, abstract_params(model, mesh))
+    except Exception as e:  # noqa: BLE001
+        raise RunError(f"{workdir}: the frozen base {BASE_DIR}/{item} cannot be read ({_one_line(e)})") from None
+    finally:
+        checkpointer.close()
+
+
+def load_start_parts(path: str, *, runtime: dict, use_ema: bool = True, field: str = "config.init",
+                     mesh=None, critic: bool = False) -> StartParts:
+    """Like :func:`load_start`, with a LoRA workdir's base and adapters apart (the EMA adapters by
+    default; ``critic``: its stage-2 critic's base and adapters). Every other kind gives its
+    parameters as ``base`` and no adapters."""
     if not path:
         raise RunError(f"{field} is empty: this stage needs a starting checkpoint")
     path = os.path.abspath(os.path.expanduser(path))
@@ -285,28 +386,43 @@ def load_start(path: str, *, runtime: dict, use_ema: bool = True,
     if kind == "diffusers":
         path = pipeline_transformer(path) or path
         model, params = dif.load_transformer(path, model_kwargs=runtime, mesh=mesh)
-        return model, params, f"diffusers transformer {path}"
+        return StartParts(model, params, None, f"diffusers transformer {path}")
     if kind == "model":
         model, params = model_ckpt.load_model(path, model_kwargs={k: v for k, v in runtime.items() if k != "scan_layers"},
                                               mesh=mesh)
         if model.scan_layers != runtime.get("scan_layers", model.scan_layers):
             raise RunError(f"{field}={path}: stored with scan_layers={model.scan_layers}, config wants the other layout")
-        return model, params, f"model checkpoint {path}"
+        return StartParts(model, params, None, f"model checkpoint {path}")
     meta = read_run_file(path)
-    model = WanTransformer3D.from_config(meta["model"], **runtime)
-    from flax import linen as nn
-    abstract = nn.meta.unbox(model.abstract_params())
-    if mesh is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+    model = far_wan.model_from_config(meta["model"], **runtime)  # a FAR run's config names its class
+    info = lora_info(meta)
+    if critic:
+        if info is None or not info.get("critic_targets"):
+            raise RunError(f"{field}={path}: not a LoRA run with a critic")
+        item = "critic_params"
     else:
-        from anyflow_jax import parallel
-        shardings = parallel.param_shardings(model.abstract_params(), mesh)
-        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                          abstract, shardings)
-    item = "ema_params" if use_ema else "params"
+        item = "ema_params" if use_ema else "params"
     try:
-        params, step = restore_run_item(path, item, abstract)
+        if info is None:
+            params, step = restore_run_item(path, item, abstract_params(model, mesh))
+            return StartParts(model, params, None, f"{meta.get('stage', '?')} workdir {path} step {step} ({item})")
+        adapters, step = restore_run_item(path, item, abstract_run_adapters(model, info, item, mesh))
+        base = restore_base(path, model, "critic_params" if critic else "params", mesh)
     except RunError as e:
         raise RunError(f"{field}={path}: {e}") from None
-    return model, params, f"{meta.get('stage', '?')} workdir {path} step {step} ({item})"
+    return StartParts(model, base, adapters, f"{meta.get('stage', '?')} LoRA workdir {path} step {step} ({item}, "
+                                             f"rank {info['rank']})")
+
+
+def load_start(path: str, *, runtime: dict, use_ema: bool = True,
+               field: str = "config.init", mesh=None) -> tuple[WanTransformer3D, Any, str]:
+    """Load ``(model, params, description)`` from a workdir (its latest checkpoint, EMA weights
+    by default), an Orbax model checkpoint or a diffusers folder.
+
+    A LoRA workdir gives its base with the adapters merged once (``W + (alpha/r) A @ B``).
+    With a ``mesh`` the params come back on it, sharded by ``parallel.DEFAULT_RULES``, each
+    device's shards read on their own (no whole host copy); without one, on the default device."""
+    parts = load_start_parts(path, runtime=runtime, use_ema=use_ema, field=field, mesh=mesh)
+    params = parts.merged()
+    parts.base = parts.adapters = None
+    return parts.model, params, parts.description

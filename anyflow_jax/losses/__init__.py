@@ -6,6 +6,7 @@ with ``r = t``), parameter pytree(s), a batch dict, a PRNG key and keyword optio
 ``(loss scalar, metrics dict)``. Nothing here knows about Wan. See docs/losses.md.
 """
 from anyflow_jax.losses.backward_simulation import DEFAULT_STEPS_LIST, backward_simulation, draw_steps
+from anyflow_jax.losses.causal_flow_map import causal_flow_map_loss, sample_num_chunks
 from anyflow_jax.losses.consistency import consistency_distillation_loss, consistency_loss, continuous_consistency_loss
 from anyflow_jax.losses.dmd import critic_loss, dmd_loss, sample_dmd_time
 from anyflow_jax.losses.flow_map import (
@@ -25,6 +26,8 @@ __all__ = [
     "flow_matching_loss",
     "flow_map_loss",
     "flow_map_target",
+    "causal_flow_map_loss",
+    "sample_num_chunks",
     "backward_simulation",
     "dmd_loss",
     "critic_loss",

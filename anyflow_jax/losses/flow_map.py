@@ -173,7 +173,6 @@ def flow_map_loss(
     schedule._check_weighting(weighting)
     C.check_derivative(derivative)
     kinds = time_pair_kinds(b, diffusion_ratio, consistency_ratio)
-    is_diff = jnp.asarray(kinds == DIFFUSION)
     n_diff = int(np.sum(kinds == DIFFUSION))
     if adaptive_rescale and n_diff == 0:
         # Deviation from the reference: with no diffusion sample the reference's rescale is NaN
@@ -198,6 +197,26 @@ def flow_map_loss(
                                  consistency_ratio=consistency_ratio)
 
     ctx, dropped = C.text_dropout(k_drop, context, neg_context, b, text_dropout)
+    neg_b = C.broadcast_negative(neg_context, context, b) if w != 1.0 else None
+    loss, metrics = flow_map_terms(apply_fn, params, x0, eps, t, r, ctx, neg_b, kinds, fuse_guidance_scale=w,
+                                   derivative=derivative, delta=delta, weighting=weighting, shift=shift,
+                                   adaptive_rescale=adaptive_rescale, rescale_eps=rescale_eps, velocity_fn=velocity_fn)
+    metrics = {"loss": loss, "text_dropped": jnp.mean(dropped.astype(jnp.float32)), **metrics}
+    return loss, metrics
+
+
+def flow_map_terms(apply_fn: C.ApplyFn, params: Any, x0: jax.Array, eps: jax.Array, t: jax.Array, r: jax.Array,
+                   ctx: Any, neg_b: Any, kinds: np.ndarray, *, fuse_guidance_scale: float, derivative: str,
+                   delta: float, weighting: str, shift: float, adaptive_rescale: bool, rescale_eps: float,
+                   velocity_fn=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Steps 3-6 of :func:`flow_map_loss` for given clean latents, noise, times, (dropped) context
+    ``ctx``, broadcast negative context ``neg_b`` (used when ``fuse_guidance_scale`` != 1) and pair
+    kinds (:func:`time_pair_kinds`): ``(loss, {"loss_<kind>": ...})``. Shared with the causal
+    stage-1 loss (:mod:`anyflow_jax.losses.causal_flow_map`), whose ``apply_fn`` closes over the
+    context frames and the clean copy."""
+    w = fuse_guidance_scale
+    is_diff = jnp.asarray(kinds == DIFFUSION)
+    n_diff = int(np.sum(kinds == DIFFUSION))
     z = schedule.add_noise(x0, eps, t)
     if velocity_fn is None:
         v = schedule.velocity_target(x0, eps)
@@ -210,7 +229,6 @@ def flow_map_loss(
     gap = schedule.expand_time(t - r, z)
     target = jax.lax.stop_gradient(v.astype(jnp.float32) - gap * dfdt / w)
     if w != 1.0:
-        neg_b = C.broadcast_negative(neg_context, context, b)
         u_neg = jax.lax.stop_gradient(C.call_model(apply_fn, params, z, t, r, neg_b)).astype(jnp.float32)
         u_hat = (out - (1.0 - w) * u_neg) / w
     else:
@@ -228,7 +246,7 @@ def flow_map_loss(
         per_sample = weighted
     loss = jnp.mean(per_sample)
 
-    metrics = {"loss": loss, "text_dropped": jnp.mean(dropped.astype(jnp.float32))}
+    metrics = {}
     for name, kind in (("diffusion", DIFFUSION), ("consistency", CONSISTENCY), ("general", GENERAL)):
         n = int(np.sum(kinds == kind))
         if n:

@@ -671,9 +671,10 @@ def output_head(module: "WanTransformer3D", x, temb, segments=None):
 
 
 def make_apply_fn(model: WanTransformer3D):
-    """The pure ``u(params, z, t, r, context)`` function the losses take."""
-    def apply_fn(params, z, t, r, context):
-        return model.apply({"params": params}, z, t, r, context)
+    """The pure ``u(params, z, t, r, context)`` function the losses take. Keyword arguments go to
+    the module's call (a FAR network's ``clean=`` / ``causal=``, used by its stage's adapter)."""
+    def apply_fn(params, z, t, r, context, **kwargs):
+        return model.apply({"params": params}, z, t, r, context, **kwargs)
     return apply_fn
 
 

@@ -212,11 +212,11 @@ def abstract_batch(run, global_batch: int, latent_shape: Sequence[int] | None = 
 
 
 def abstract_frozen(run):
-    """The frozen teacher's parameters as sharded ``jax.ShapeDtypeStruct``s (or ``None``)."""
+    """The steps' frozen argument as sharded ``jax.ShapeDtypeStruct``s: the frozen teacher's
+    parameters (or ``None``), or with LoRA the frozen bases and teacher
+    (:func:`~anyflow_jax.training.loop.abstract_frozen`)."""
     from anyflow_jax.training import loop
-    if not run.record.needs_teacher:
-        return None
-    return loop._abstract(loop._unboxed_abstract(run.nets.teacher), run.teacher_shardings)
+    return loop.abstract_frozen(run)
 
 
 def compile_train(run, batch):

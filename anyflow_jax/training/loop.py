@@ -35,16 +35,18 @@ import numpy as np
 from anyflow_jax import config as config_lib
 from anyflow_jax import data as data_lib
 from anyflow_jax import fileio, parallel
+from anyflow_jax import lora as lora_lib
 from anyflow_jax.checkpoints import runs as run_files
 from anyflow_jax.config import RunConfig
 from anyflow_jax.errors import Preempted, RunError
+from anyflow_jax.models import far_wan
 from anyflow_jax.models.wan import WanTransformer3D, make_flow_map_student
 from anyflow_jax.stages import Stage
 from anyflow_jax.training import evaluators as evaluators_lib
-from anyflow_jax.training import optim, steps
+from anyflow_jax.training import far_student, optim, steps
 from anyflow_jax.training import writers as writers_lib
-from anyflow_jax.training.run_checkpoints import RunCheckpointer
-from anyflow_jax.training.state import TrainState, new_rng, opt_state_shardings
+from anyflow_jax.training.run_checkpoints import RunCheckpointer, save_base
+from anyflow_jax.training.state import LoraFrozen, TrainState, new_rng, opt_state_shardings
 
 log = logging.getLogger("anyflow_jax.train")
 
@@ -111,7 +113,8 @@ def _runtime(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _architecture(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.model.items() if k not in _RUNTIME and k != "flow_map"}
+    return {k: v for k, v in cfg.model.items()
+            if k not in _RUNTIME and k != "flow_map" and k not in far_student.FAR_FIELDS}
 
 
 def _check_architecture(cfg: RunConfig, model: WanTransformer3D | dict, what: str) -> None:
@@ -133,6 +136,11 @@ class Networks:
 
     ``student_params`` is a host/single-device tree, or ``None`` with ``student_init`` (a
     function of no arguments returning fresh parameters, run sharded) or when resuming.
+
+    With LoRA (``config.lora.enabled``) ``student_params`` and ``critic_params`` are the frozen
+    *bases* (restored from the workdir when resuming) and ``adapters``/``critic_adapters`` the
+    adapters carried over from the starting checkpoints (``None``: fresh ones); the teacher is
+    always whole (a LoRA teacher run's adapters merged once).
     """
     student: WanTransformer3D
     student_params: Any = None
@@ -140,6 +148,8 @@ class Networks:
     teacher: WanTransformer3D | None = None
     teacher_params: Any = None
     critic_params: Any = None  # start of the critic (None when resuming)
+    adapters: Any = None
+    critic_adapters: Any = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -147,22 +157,93 @@ def _load(path: str, cfg: RunConfig, field: str, mesh=None):
     return run_files.load_start(path, runtime=_runtime(cfg), use_ema=cfg.init.use_ema, field=field, mesh=mesh)
 
 
-def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None, mesh=None) -> Networks:
+def _load_parts(path: str, cfg: RunConfig, field: str, mesh=None) -> run_files.StartParts:
+    return run_files.load_start_parts(path, runtime=_runtime(cfg), use_ema=cfg.init.use_ema, field=field, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------------- LoRA
+def _target_spec(value: tuple, default: str):
+    if not value:
+        return default
+    if len(value) == 1 and value[0] in lora_lib.WAN_TARGETS:
+        return value[0]
+    return list(value)
+
+
+def lora_targets(cfg: RunConfig, model: WanTransformer3D, *, critic: bool = False) -> list[tuple[str, ...]]:
+    """The adapted kernel paths of the trained network (``critic``: of stage 2's critic) for
+    ``config.lora``; a pattern that matches nothing names the field."""
+    value = cfg.lora.critic_targets if critic else cfg.lora.targets
+    default = "critic" if critic else ("student" if model.flow_map else "teacher")
+    try:
+        return [t.path for t in lora_lib.wan_targets(model, _target_spec(value, default))]
+    except lora_lib.LoraError as e:
+        raise RunError(f"config.lora.{'critic_targets' if critic else 'targets'}: {e}") from None
+
+
+def _carry_adapters(cfg: RunConfig, model: WanTransformer3D, base, adapters, *, critic: bool = False):
+    """``(base, adapters, note)`` for a LoRA network starting from ``base`` + ``adapters``: the
+    adapters the run trains (same target, rank and alpha) continue; any other is merged into the
+    base, so the network starts exactly as its starting checkpoint."""
+    if adapters is None:
+        return base, None, "fresh adapters"
+    targets = set(lora_targets(cfg, model, critic=critic))
+    rank, alpha = cfg.lora.rank, cfg.lora.scale_alpha
+    keep: dict = {}
+    fold: dict = {}
+    for path, lw in lora_lib._flat_adapters(adapters):
+        ok = path in targets and lw.rank == rank and float(lw.alpha) == alpha
+        lora_lib._set_new(keep if ok else fold, path, lw)
+    if fold:
+        base = lora_lib.merge(base, fold)
+    note = f"{len(lora_lib.adapter_paths(keep)) if keep else 0} adapters continued"
+    if fold:
+        note += f", {len(lora_lib.adapter_paths(fold))} merged into the base"
+    return base, keep or None, note
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraLayout:
+    """A LoRA run's adapter shapes and the shardings of its frozen bases (see :func:`derive_layout`)."""
+    rank: int
+    alpha: float
+    targets: tuple
+    critic_targets: tuple | None
+    abstract: Any  # the student's adapters as ShapeDtypeStructs
+    critic_abstract: Any
+    base_shardings: Any
+    critic_base_shardings: Any
+
+    def info(self) -> dict:
+        """The ``lora`` entry of ``run.json`` (what readers need to rebuild the adapters)."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": ["/".join(p) for p in self.targets],
+                "critic_targets": ["/".join(p) for p in self.critic_targets] if self.critic_targets else []}
+
+
+def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None, mesh=None, workdir: str | None = None) -> Networks:
     """The student (from its starting point, random init, or the resumed run's ``run.json``),
     the frozen teacher and the critic's starting point, as the stage's record asks. With a
     ``mesh``, starting checkpoints are read straight onto it (each host reads only the slices
-    its devices own)."""
+    its devices own). With LoRA, resuming reads the frozen bases from ``workdir``."""
     cfg = cfg if isinstance(cfg, RunConfig) else config_lib.parse(cfg)
     record = cfg.record
     runtime = _runtime(cfg)
+    use_lora = cfg.lora.enabled
     if resume_meta is not None:
-        student = WanTransformer3D.from_config(resume_meta["model"], **runtime)
+        student = far_wan.model_from_config(resume_meta["model"], **runtime)
         _check_architecture(cfg, student, "the workdir's run")
         nets = Networks(student=student)
+        if use_lora:
+            nets.student_params = run_files.restore_base(workdir, student, "params", mesh)
     elif not cfg.init.student:
         student = WanTransformer3D.from_config(_architecture(cfg), **runtime)
         key = jax.random.key(cfg.seed)
         nets = Networks(student=student, student_init=lambda: student.init_params(key), notes=["student: random init"])
+    elif use_lora:
+        parts = _load_parts(cfg.init.student, cfg, "config.init.student", mesh)
+        _check_architecture(cfg, parts.model, "config.init.student")
+        nets = Networks(student=parts.model, student_params=parts.base, adapters=parts.adapters,
+                        notes=[f"student: {parts.description}"])
     else:
         student, params, desc = _load(cfg.init.student, cfg, "config.init.student", mesh)
         _check_architecture(cfg, student, "config.init.student")
@@ -170,6 +251,11 @@ def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None, mesh=None
     if record.student_is_flow_map and not nets.student.flow_map:
         if resume_meta is not None or nets.student_params is None:
             raise RunError(f"incompatible checkpoint: stage {record.name!r} trains a flow-map student")
+        if nets.adapters is not None and "condition_embedder" in nets.adapters:
+            # the delta embedder starts as a copy of the time embedder as the start computes it
+            ce = {"condition_embedder": nets.adapters["condition_embedder"]}
+            nets.student_params = lora_lib.merge(nets.student_params, ce)
+            nets.adapters = {k: v for k, v in nets.adapters.items() if k != "condition_embedder"} or None
         nets.student, nets.student_params = make_flow_map_student(
             nets.student, nets.student_params, gate_value=float(cfg.model.get("gate_value", 0.25)),
             deltatime_type=cfg.model.get("deltatime_type", "r"))
@@ -177,13 +263,39 @@ def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None, mesh=None
     if not record.student_is_flow_map and nets.student.flow_map:
         raise RunError(f"incompatible checkpoint: stage {record.name!r} trains a single-time model but "
                        f"config.init.student is a flow-map student")
+    nets.student, nets.student_params, far_note = far_student.to_far(record, cfg, nets.student, nets.student_params)
+    nets.notes += [far_note] if far_note else []
+    if use_lora and resume_meta is None:
+        lora_targets(cfg, nets.student)  # a bad target pattern fails before anything is placed
+        if nets.student_params is not None:
+            nets.student_params, nets.adapters, note = _carry_adapters(cfg, nets.student, nets.student_params,
+                                                                       nets.adapters)
+            nets.notes.append(f"student LoRA: {note}")
     if record.needs_teacher or record.has_critic:
-        teacher, teacher_params, desc = _load(cfg.init.teacher, cfg, "config.init.teacher", mesh)
+        if use_lora:
+            parts = _load_parts(cfg.init.teacher, cfg, "config.init.teacher", mesh)
+            teacher, teacher_params, desc = parts.model, parts.merged(), parts.description
+        else:
+            teacher, teacher_params, desc = _load(cfg.init.teacher, cfg, "config.init.teacher", mesh)
         if teacher.flow_map:
             raise RunError("incompatible checkpoint: config.init.teacher is a flow-map student, not a teacher")
         nets.teacher, nets.teacher_params = teacher, teacher_params
         nets.notes.append(f"teacher: {desc}")
-        if record.has_critic and resume_meta is None:
+        if record.has_critic and use_lora and resume_meta is not None:
+            nets.critic_params = run_files.restore_base(workdir, teacher, "critic_params", mesh)
+        elif record.has_critic and use_lora:
+            if cfg.init.critic:
+                cparts = _load_parts(cfg.init.critic, cfg, "config.init.critic", mesh)
+                if cparts.model.to_config() != teacher.to_config():
+                    raise RunError("incompatible checkpoint: config.init.critic differs from the teacher architecture")
+                nets.notes.append(f"critic: {cparts.description}")
+            else:
+                cparts = parts  # the teacher's base and (EMA) adapters
+                nets.notes.append("critic: the teacher's base and adapters")
+            nets.critic_params, nets.critic_adapters, note = _carry_adapters(cfg, teacher, cparts.base, cparts.adapters,
+                                                                             critic=True)
+            nets.notes.append(f"critic LoRA: {note}")
+        elif record.has_critic and resume_meta is None:
             if cfg.init.critic:
                 critic, nets.critic_params, desc = _load(cfg.init.critic, cfg, "config.init.critic", mesh)
                 if critic.to_config() != teacher.to_config():
@@ -223,9 +335,12 @@ def build_data(cfg: RunConfig, *, process_index: int, process_count: int):
 
 
 # ----------------------------------------------------------------------------------- the run
-def _run_meta(cfg: RunConfig, config: Any, student: WanTransformer3D) -> dict:
+def _run_meta(cfg: RunConfig, config: Any, student: WanTransformer3D, lora: dict | None = None) -> dict:
     raw = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(cfg)
-    return {"stage": cfg.stage, "model": student.to_config(), "scan_layers": student.scan_layers, "config": raw}
+    meta = {"stage": cfg.stage, "model": student.to_config(), "scan_layers": student.scan_layers, "config": raw}
+    if lora is not None:
+        meta["lora"] = lora
+    return meta
 
 
 def _check_resume_compatible(existing: dict, new: dict, workdir: str) -> None:
@@ -262,6 +377,8 @@ class Run:
     data_iterator: Any
     negative: Any
     latest_step: int | None
+    frozen_shardings: Any = None  # of the steps' frozen argument (the teacher, or LoraFrozen)
+    lora: Any = None  # LoraLayout of a LoRA run
 
     def next_batch(self):
         local = next(self.data_iterator)
@@ -282,7 +399,7 @@ def _abstract(tree, shardings):
 def _unboxed_abstract(model: WanTransformer3D):
     from flax import linen as nn
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                                  nn.meta.unbox(model.abstract_params()))
+                                  nn.meta.unbox(run_files.boxed_abstract_params(model)))
 
 
 def _check_unsharded(cfg: RunConfig, abstract_params, shardings, mesh) -> None:
@@ -314,6 +431,8 @@ class RunLayout:
     state_shardings: TrainState
     teacher_shardings: Any
     replicated: Any
+    frozen_shardings: Any = None
+    lora: LoraLayout | None = None
 
     def fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -321,7 +440,11 @@ class RunLayout:
 
 def derive_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
     """The step spec and shardings of ``cfg``'s stage for ``nets`` on ``mesh`` (fails when the
-    parameters would mostly be replicated, see :func:`_check_unsharded`)."""
+    parameters would mostly be replicated, see :func:`_check_unsharded`). With LoRA the trained
+    trees are adapters (sharded like the kernels they adapt) and the frozen argument a
+    :class:`~anyflow_jax.training.state.LoraFrozen` of the bases (and teacher)."""
+    if cfg.lora.enabled:
+        return _derive_lora_layout(cfg, mesh, nets)
     record, student, teacher = cfg.record, nets.student, nets.teacher
     rules = parallel.DEFAULT_RULES
     abstract_params = _unboxed_abstract(student)
@@ -339,16 +462,71 @@ def derive_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
         critic_update_ratio=cfg.train.critic_update_ratio)
 
     rep = parallel.replicated(mesh)
-    p_sh = parallel.param_shardings(student.abstract_params(), mesh, rules)
+    p_sh = parallel.param_shardings(run_files.boxed_abstract_params(student), mesh, rules)
     _check_unsharded(cfg, abstract_params, p_sh, mesh)
-    t_sh = parallel.param_shardings(teacher.abstract_params(), mesh, rules) if teacher is not None else None
+    t_sh = (parallel.param_shardings(run_files.boxed_abstract_params(teacher), mesh, rules)
+            if teacher is not None else None)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     abstract_copt = jax.eval_shape(critic_tx.init, _unboxed_abstract(teacher)) if critic_tx is not None else None
     state_sh = TrainState(
         step=rep, rng=rep, params=p_sh, ema_params=p_sh, opt_state=opt_state_shardings(abstract_opt, p_sh, mesh),
         critic_params=t_sh if record.has_critic else None,
         critic_opt_state=opt_state_shardings(abstract_copt, t_sh, mesh) if abstract_copt is not None else None)
-    return RunLayout(mesh=mesh, spec=spec, state_shardings=state_sh, teacher_shardings=t_sh, replicated=rep)
+    return RunLayout(mesh=mesh, spec=spec, state_shardings=state_sh, teacher_shardings=t_sh, replicated=rep,
+                     frozen_shardings=t_sh if record.needs_teacher else None)
+
+
+def _trainable_mask(tree, patterns, field: str):
+    try:
+        return optim.trainable_mask(tree, list(patterns))
+    except ValueError as e:
+        raise RunError(f"{field}: {e}") from None
+
+
+def _derive_lora_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
+    record, student, teacher = cfg.record, nets.student, nets.teacher
+    rules = parallel.DEFAULT_RULES
+    rank, alpha = cfg.lora.rank, cfg.lora.scale_alpha
+    abstract_base = _unboxed_abstract(student)
+    targets = tuple(lora_targets(cfg, student))
+    adapters = lora_lib.abstract_adapters(abstract_base, targets, rank, alpha)
+    # optim.trainable_patterns select among the adapter factors (empty: all of them)
+    mask = _trainable_mask(adapters, cfg.optim.trainable_patterns, "config.optim.trainable_patterns")
+    tx = optim.make_optimizer(**cfg.optim.optimizer_kwargs(), mask=mask)
+    critic_tx = critic_mask = critic_adapters = critic_targets = None
+    if record.has_critic:
+        critic_targets = tuple(lora_targets(cfg, teacher, critic=True))
+        critic_adapters = lora_lib.abstract_adapters(_unboxed_abstract(teacher), critic_targets, rank, alpha)
+        critic_mask = _trainable_mask(critic_adapters, cfg.critic_optim.trainable_patterns,
+                                      "config.critic_optim.trainable_patterns")
+        critic_tx = optim.make_optimizer(**cfg.critic_optim.optimizer_kwargs(), mask=critic_mask)
+    spec = steps.StepSpec(
+        stage=record, student=student, teacher=teacher, loss_options=cfg.loss,
+        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
+        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
+        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
+        critic_update_ratio=cfg.train.critic_update_ratio, lora=True)
+
+    rep = parallel.replicated(mesh)
+    base_sh = parallel.param_shardings(run_files.boxed_abstract_params(student), mesh, rules)
+    _check_unsharded(cfg, abstract_base, base_sh, mesh)
+    t_sh = (parallel.param_shardings(run_files.boxed_abstract_params(teacher), mesh, rules)
+            if teacher is not None else None)
+    a_sh = lora_lib.adapter_shardings(adapters, run_files.boxed_abstract_params(student), mesh, rules)
+    ca_sh = lora_lib.adapter_shardings(critic_adapters, run_files.boxed_abstract_params(teacher), mesh, rules) \
+        if critic_adapters is not None else None
+    abstract_opt = jax.eval_shape(tx.init, adapters)
+    abstract_copt = jax.eval_shape(critic_tx.init, critic_adapters) if critic_tx is not None else None
+    state_sh = TrainState(
+        step=rep, rng=rep, params=a_sh, ema_params=a_sh, opt_state=opt_state_shardings(abstract_opt, a_sh, mesh),
+        critic_params=ca_sh, critic_opt_state=opt_state_shardings(abstract_copt, ca_sh, mesh) if ca_sh else None)
+    frozen_sh = LoraFrozen(base=base_sh, teacher=t_sh if record.needs_teacher else None,
+                           critic_base=t_sh if record.has_critic else None)
+    layout = LoraLayout(rank=rank, alpha=alpha, targets=targets, critic_targets=critic_targets, abstract=adapters,
+                        critic_abstract=critic_adapters, base_shardings=base_sh,
+                        critic_base_shardings=t_sh if record.has_critic else None)
+    return RunLayout(mesh=mesh, spec=spec, state_shardings=state_sh, teacher_shardings=t_sh, replicated=rep,
+                     frozen_shardings=frozen_sh, lora=layout)
 
 
 def abstract_networks(cfg: RunConfig, notes: Sequence[str] = ()) -> Networks:
@@ -360,6 +538,7 @@ def abstract_networks(cfg: RunConfig, notes: Sequence[str] = ()) -> Networks:
     if record.student_is_flow_map and not base.flow_map:
         student = base.clone(flow_map=True, gate_value=float(cfg.model.get("gate_value", 0.25)),
                              deltatime_type=cfg.model.get("deltatime_type", "r"))
+    student = far_student.abstract_student(record, cfg, student)
     teacher = base.clone(flow_map=False) if (record.needs_teacher or record.has_critic) else None
     return Networks(student=student, teacher=teacher, notes=list(notes))
 
@@ -400,17 +579,25 @@ def _build_run(cfg: RunConfig, config, workdir: str, ckpt: RunCheckpointer) -> R
     if mesh.devices.size < jax.device_count():
         log.warning("the mesh %s uses %d of %d devices", dict(mesh.shape), mesh.devices.size, jax.device_count())
 
-    nets = build_networks(cfg, resume_meta=resume_meta, mesh=mesh)
-    meta = _run_meta(cfg, config, nets.student)
+    def describe(info):
+        return f"a LoRA (rank {info['rank']}, alpha {info['alpha']:g})" if info else "a full fine-tune"
+    if resume_meta is not None and bool(run_files.lora_info(resume_meta)) != cfg.lora.enabled:
+        raise RunError(f"incompatible checkpoint: workdir {workdir} holds {describe(run_files.lora_info(resume_meta))} "
+                       f"run, config.lora.enabled={cfg.lora.enabled}")
+    nets = build_networks(cfg, resume_meta=resume_meta, mesh=mesh, workdir=workdir)
+    layout = derive_layout(cfg, mesh, nets)
+    meta = _run_meta(cfg, config, nets.student, layout.lora.info() if layout.lora is not None else None)
     if existing is not None and resume_meta is None:
         _check_resume_compatible(existing, meta, workdir)
+    if resume_meta is not None and run_files.lora_info(resume_meta) != meta.get("lora"):
+        raise RunError(f"incompatible checkpoint: workdir {workdir} holds {describe(run_files.lora_info(resume_meta))} "
+                       f"run, the config asks for {describe(meta.get('lora'))} (config.lora; same targets too)")
     if resume_meta is not None and resume_meta.get("scan_layers") != nets.student.scan_layers:
         raise RunError(f"incompatible checkpoint: workdir {workdir} was trained with scan_layers="
                        f"{resume_meta.get('scan_layers')}, the config gives {nets.student.scan_layers}")
     if pid == 0:
         run_files.write_run_file(workdir, meta)
 
-    layout = derive_layout(cfg, mesh, nets)
     _, data_it, neg = build_data(cfg, process_index=pid, process_count=pcount)
     writer = writers_lib.create_writer(workdir, process_index=pid, tensorboard=cfg.train.tensorboard)
     return Run(cfg=cfg, record=record, workdir=workdir, nets=nets, **layout.fields(), ckpt=ckpt, writer=writer,
@@ -420,11 +607,11 @@ def _build_run(cfg: RunConfig, config, workdir: str, ckpt: RunCheckpointer) -> R
 def abstract_state(run: Run) -> TrainState:
     """The train state as ``jax.ShapeDtypeStruct``s with the run's shardings."""
     sh, rep = run.state_shardings, run.replicated
-    params = _unboxed_abstract(run.nets.student)
+    params = _unboxed_abstract(run.nets.student) if run.lora is None else run.lora.abstract
     abstract_opt = jax.eval_shape(run.spec.tx.init, params)
     critic = copt = None
     if run.record.has_critic:
-        critic = _unboxed_abstract(run.nets.teacher)
+        critic = _unboxed_abstract(run.nets.teacher) if run.lora is None else run.lora.critic_abstract
         copt = _abstract(jax.eval_shape(run.spec.critic_tx.init, critic), sh.critic_opt_state)
         critic = _abstract(critic, sh.critic_params)
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
@@ -441,6 +628,8 @@ def restore_or_init(run: Run) -> TrainState:
         state, step = run.ckpt.restore_latest(target, run.data_iterator)
         log.info("resumed from %s step %d on %d devices", run.ckpt.directory, step, jax.device_count())
         return state
+    if run.lora is not None:
+        return _init_lora_state(run)
     sh, nets = run.state_shardings, run.nets
     f32 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
     if nets.student_init is not None:
@@ -460,6 +649,98 @@ def restore_or_init(run: Run) -> TrainState:
                       params=params, ema_params=ema, opt_state=opt_state, critic_params=cparams, critic_opt_state=copt)
 
 
+def _f32(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _start_adapters(key, model: WanTransformer3D, lo: LoraLayout, abstract, targets, shardings, carried):
+    """Fresh adapters (PEFT's init, created sharded) with the carried-over ones in their places."""
+    base = _unboxed_abstract(model)
+    fresh = jax.jit(lambda k: lora_lib.init_adapters(k, base, targets, lo.rank, lo.alpha),
+                    out_shardings=shardings)(key)
+    if carried is not None:
+        for path, lw in lora_lib._flat_adapters(carried):
+            fresh = lora_lib._with_leaf(fresh, path, jax.device_put(_f32(lw), lora_lib._get(shardings, path)))
+    return fresh
+
+
+def _init_lora_state(run: Run) -> TrainState:
+    """A LoRA run's first state: the bases placed (and written once to ``<workdir>/base``), the
+    adapters carried over from the starting checkpoints or fresh, EMA copies and optimizer states
+    of the adapters."""
+    sh, nets, lo = run.state_shardings, run.nets, run.lora
+    key = jax.random.key(run.cfg.seed)
+    if nets.student_init is not None:
+        init = nets.student_init
+        base = jax.jit(lambda: _f32(init()), out_shardings=lo.base_shardings)()
+    else:
+        base = jax.device_put(_f32(nets.student_params), lo.base_shardings)
+    params = _start_adapters(jax.random.fold_in(key, 1), nets.student, lo, lo.abstract, lo.targets, sh.params,
+                             nets.adapters)
+    ema = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=sh.ema_params)(params)
+    opt_state = jax.jit(run.spec.tx.init, out_shardings=sh.opt_state)(params)
+    bases = {"params": base}
+    cparams = copt = None
+    if run.record.has_critic:
+        bases["critic_params"] = jax.device_put(_f32(nets.critic_params), lo.critic_base_shardings)
+        cparams = _start_adapters(jax.random.fold_in(key, 2), nets.teacher, lo, lo.critic_abstract, lo.critic_targets,
+                                  sh.critic_params, nets.critic_adapters)
+        copt = jax.jit(run.spec.critic_tx.init, out_shardings=sh.critic_opt_state)(cparams)
+    save_base(run.workdir, bases)
+    log.info("wrote the frozen base once: %s", os.path.join(run.workdir, run_files.BASE_DIR))
+    nets.student_params, nets.critic_params = base, bases.get("critic_params")  # frozen arguments now
+    nets.student_init = nets.adapters = nets.critic_adapters = None
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
+                      rng=jax.device_put(new_rng(run.cfg.seed), run.replicated),
+                      params=params, ema_params=ema, opt_state=opt_state, critic_params=cparams, critic_opt_state=copt)
+
+
+def place_frozen(run: Run):
+    """The steps' frozen argument on the mesh: the teacher (or ``None``), or for a LoRA run a
+    :class:`~anyflow_jax.training.state.LoraFrozen` of the bases and the teacher. The run's
+    networks let go of their host copies."""
+    nets = run.nets
+    teacher = None
+    if run.record.needs_teacher:
+        teacher = jax.device_put(nets.teacher_params, run.teacher_shardings)
+    nets.teacher_params = None
+    if run.lora is None:
+        return teacher
+    lo = run.lora
+    frozen = LoraFrozen(
+        base=jax.device_put(_f32(nets.student_params), lo.base_shardings), teacher=teacher,
+        critic_base=jax.device_put(_f32(nets.critic_params), lo.critic_base_shardings) if run.record.has_critic else None)
+    nets.student_params = nets.critic_params = None
+    return frozen
+
+
+def abstract_frozen(run: Run):
+    """The steps' frozen argument as sharded ``jax.ShapeDtypeStruct``s (see :func:`place_frozen`)."""
+    teacher = None
+    if run.record.needs_teacher:
+        teacher = _abstract(_unboxed_abstract(run.nets.teacher), run.teacher_shardings)
+    if run.lora is None:
+        return teacher
+    critic_base = None
+    if run.record.has_critic:
+        critic_base = _abstract(_unboxed_abstract(run.nets.teacher), run.lora.critic_base_shardings)
+    return LoraFrozen(base=_abstract(_unboxed_abstract(run.nets.student), run.lora.base_shardings), teacher=teacher,
+                      critic_base=critic_base)
+
+
+def frozen_teacher(frozen):
+    """The frozen teacher inside the steps' frozen argument (``None`` when there is none)."""
+    return frozen.teacher if isinstance(frozen, LoraFrozen) else frozen
+
+
+def eval_view(run: Run, frozen) -> Callable[[TrainState], TrainState]:
+    """What the evaluators see of the state: itself, or for a LoRA run the state with its EMA
+    adapters merged into the base (once per evaluation; the other base leaves are shared)."""
+    if run.lora is None:
+        return lambda state: state
+    return lambda state: state.replace(ema_params=lora_lib.merge(frozen.base, state.ema_params))
+
+
 @dataclasses.dataclass
 class CompiledSteps:
     generator: Any
@@ -469,12 +750,12 @@ class CompiledSteps:
 def compile_steps(run: Run, state: TrainState, frozen, probe) -> CompiledSteps:
     """Phase 3: every step of the stage as one ``jax.jit`` with explicit shardings and the state
     donated, compiled ahead of time (its memory analysis is logged)."""
-    sh, t_sh, rep = run.state_shardings, run.teacher_shardings, run.replicated
+    sh, rep = run.state_shardings, run.replicated
     batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, probe)
     abstract_batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), probe)
-    abstract_frozen = _abstract(frozen, t_sh) if frozen is not None else None
+    frozen_sh = run.frozen_shardings if frozen is not None else None
+    abstract_frozen = _abstract(frozen, frozen_sh) if frozen is not None else None
     abstract = _abstract(state, sh)
-    frozen_sh = t_sh if frozen is not None else None
     out = CompiledSteps(generator=None)
     with jax.set_mesh(run.mesh):
         t0 = time.perf_counter()
@@ -534,6 +815,7 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
     total, log_every, ckpt_every = cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every
     ratio = cfg.train.critic_update_ratio
     critic_counts = run.record.steps_per_update == "critic"
+    view = eval_view(run, frozen)
     step = int(host_value(state.step))
     progress = writers_lib.Progress(total, start_step=step)
     pending_batches = [first_batch]
@@ -584,7 +866,7 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
             step_time = time.perf_counter() - t_step
             evaluated: dict[str, float] = {}
             if evaluate:
-                evaluated = evaluators(step, state, time.perf_counter() - t_evaluated)
+                evaluated = evaluators(step, view(state), time.perf_counter() - t_evaluated)
                 t_evaluated = time.perf_counter()
             if step % log_every == 0 or step == total:
                 scalars = {k: float(host_value(v)) for k, v in out.items() if np.ndim(v) == 0}
@@ -606,13 +888,20 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
     return last
 
 
-def _write_parameter_table(run: Run, state: TrainState) -> None:
+def _write_parameter_table(run: Run, state: TrainState, frozen=None) -> None:
     text = writers_lib.parameter_overview(state.params, mask=run.spec.trainable_mask)
-    fileio.atomic_write_bytes(os.path.join(run.workdir, PARAMETERS_FILE), (text + "\n").encode())
     trained = writers_lib.count_params(state.params, run.spec.trainable_mask)
     total = writers_lib.count_params(state.params)
-    log.info("trained network: %s parameters, %s trainable (table: %s)", f"{total:,}", f"{trained:,}",
-             os.path.join(run.workdir, PARAMETERS_FILE))
+    if run.lora is not None:
+        base = writers_lib.count_params(frozen.base)
+        text = (f"LoRA adapters (rank {run.lora.rank}, alpha {run.lora.alpha:g}) on a frozen base of {base:,} "
+                f"parameters\n" + text)
+        log.info("trained network: LoRA adapters of %s parameters, %s trainable, on a frozen base of %s (table: %s)",
+                 f"{total:,}", f"{trained:,}", f"{base:,}", os.path.join(run.workdir, PARAMETERS_FILE))
+    else:
+        log.info("trained network: %s parameters, %s trainable (table: %s)", f"{total:,}", f"{trained:,}",
+                 os.path.join(run.workdir, PARAMETERS_FILE))
+    fileio.atomic_write_bytes(os.path.join(run.workdir, PARAMETERS_FILE), (text + "\n").encode())
 
 
 def train(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> dict[str, float]:
@@ -634,15 +923,12 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> dict[s
             if jax.process_index() == 0:
                 # metrics logged after the restored step are logged again: drop the old records
                 writers_lib.drop_records_after(run.workdir, int(host_value(state.step)))
-            frozen = None
-            if run.record.needs_teacher:
-                frozen = jax.device_put(run.nets.teacher_params, run.teacher_shardings)
-            run.nets.teacher_params = None
+            frozen = place_frozen(run)
             if jax.process_index() == 0:
-                _write_parameter_table(run, state)
+                _write_parameter_table(run, state, frozen)
             probe = run.next_batch()
             with jax.set_mesh(run.mesh):  # a bad eval config fails here, before the steps compile
-                evaluators = evaluators_lib.build(run, run.writer, frozen=frozen,
+                evaluators = evaluators_lib.build(run, run.writer, frozen=frozen_teacher(frozen),
                                                   video_shape=tuple(probe["x0"].shape[1:]))
             compiled = compile_steps(run, state, frozen, probe)
             return run_loop(run, state, compiled, frozen, probe, signals, evaluators)

@@ -5,12 +5,16 @@ Layout (shared with the read-only side, :mod:`anyflow_jax.checkpoints.runs`): ``
 ``params``, ``ema_params``, ``opt_state``, ``critic_params``, ``critic_opt_state``) plus the Grain
 iterator state (``data``). Items are restored into abstract targets built from the *current*
 mesh, so a run saved on one device count resumes on another.
+
+A LoRA run's items hold adapters; its frozen base is written once, at the start of the run, by
+:func:`save_base` (``<workdir>/base/<item>``), never in a step.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -18,7 +22,7 @@ import jax
 import numpy as np
 
 from anyflow_jax.checkpoints import runs as run_files
-from anyflow_jax.checkpoints.runs import CKPT_DIR, ITEMS as _ITEMS, STATE_ITEMS as _STATE_ITEMS
+from anyflow_jax.checkpoints.runs import BASE_DIR, CKPT_DIR, ITEMS as _ITEMS, STATE_ITEMS as _STATE_ITEMS
 from anyflow_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,39 @@ DAMAGED_DIR = "damaged"  # <workdir>/damaged/<step>-<unix time>: damaged steps s
 
 def _abstract(tree, shardings):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def save_base(workdir: str, items: dict[str, Any]) -> None:
+    """Write a LoRA run's frozen base(s) once: ``items`` ``{name: params}`` go to
+    ``<workdir>/base/<name>``. The folder is built beside (``base.tmp``) and renamed into place,
+    so a reader sees all of it or none; what an interrupted start left is replaced. Every process
+    calls this (Orbax writes each process's shards)."""
+    import orbax.checkpoint as ocp
+    workdir = os.path.abspath(workdir)
+    final, tmp = os.path.join(workdir, BASE_DIR), os.path.join(workdir, BASE_DIR + ".tmp")
+    primary = jax.process_index() == 0
+    if primary:
+        for d in (tmp, final):
+            if os.path.isdir(d):
+                shutil.rmtree(d)
+    _barrier("anyflow_jax_base_cleared")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        for name, tree in items.items():
+            checkpointer.save(os.path.join(tmp, name), tree)
+            checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+    _barrier("anyflow_jax_base_written")
+    if primary:
+        os.replace(tmp, final)
+    _barrier("anyflow_jax_base_renamed")
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 class RunCheckpointer:

@@ -2,7 +2,10 @@
 
 Frozen networks (the stage-2 real score, the consistency teacher) are *not* part of the state:
 they are loaded from their named checkpoints, passed to the step as explicit jit arguments with
-their own shardings, and carry no optimizer state.
+their own shardings, and carry no optimizer state. In a LoRA run (``config.lora.enabled``) the
+state's ``params``/``ema_params``/``critic_params`` are adapter pytrees
+(:class:`anyflow_jax.lora.LoraWeights` nodes) and the frozen bases they adapt travel with the
+frozen teacher in a :class:`LoraFrozen`.
 """
 from __future__ import annotations
 
@@ -36,12 +39,28 @@ class TrainState:
         return tuple(names)
 
 
+@flax.struct.dataclass
+class LoraFrozen:
+    """The frozen arguments of a LoRA run's steps: the trained network's ``base``, the frozen
+    ``teacher`` (merged once, stages that need one) and the critic's ``critic_base`` (stage 2)."""
+    base: Any
+    teacher: Any = None
+    critic_base: Any = None
+
+
+def _key_name(entry) -> str:
+    if isinstance(entry, jax.tree_util.DictKey):
+        return str(entry.key)
+    return str(entry.name)
+
+
 def _dict_suffix(path) -> tuple[str, ...]:
-    """Trailing run of dict keys of a key path (the parameter path inside an optimizer state)."""
+    """Trailing run of dict keys (and dataclass fields, e.g. LoRA factors) of a key path (the
+    parameter path inside an optimizer state)."""
     out = []
     for entry in reversed(path):
-        if isinstance(entry, jax.tree_util.DictKey):
-            out.append(str(entry.key))
+        if isinstance(entry, (jax.tree_util.DictKey, jax.tree_util.GetAttrKey)):
+            out.append(_key_name(entry))
         else:
             break
     return tuple(reversed(out))
@@ -52,7 +71,7 @@ def opt_state_shardings(abstract_opt_state, params_shardings, mesh) -> Any:
     shape); scalars (counters) and anything unmatched are replicated."""
     by_path = {}
     for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
-        by_path[tuple(str(p.key) for p in path)] = s
+        by_path[tuple(_key_name(p) for p in path)] = s
 
     def fits(sharding, shape):
         if len(sharding.spec) > len(shape):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from anyflow_jax import lora as lora_lib
 from anyflow_jax.models.wan import WanTransformer3D, make_apply_fn
 from anyflow_jax.stages import Networks, Stage
 from anyflow_jax.training import optim
@@ -38,11 +39,34 @@ class StepSpec:
     ema_warmup_steps: int
     lr_fn: Callable[[Any], Any]
     critic_update_ratio: int = 1
+    lora: bool = False  # the state's networks are adapters on the bases in LoraFrozen
 
 
-def _networks(spec: StepSpec, state: TrainState, frozen_params) -> Networks:
+def _student(spec: StepSpec, frozen_params, params):
+    """The trained network's effective parameters (adapters merged into the base with LoRA)."""
+    return lora_lib.merge(frozen_params.base, params) if spec.lora else params
+
+
+def _critic(spec: StepSpec, frozen_params, params):
+    return lora_lib.merge(frozen_params.critic_base, params) if spec.lora and params is not None else params
+
+
+def _networks(spec: StepSpec, state: TrainState, frozen_params, *, merge_student: bool = True) -> Networks:
     teacher_apply = make_apply_fn(spec.teacher) if spec.teacher is not None else None
+    if spec.lora:
+        # merged outside any differentiation (the generator step merges the student inside its
+        # objective instead); a network the objective does not use (the EMA outside the
+        # consistency objective) is removed by XLA
+        student = _student(spec, frozen_params, state.params) if merge_student else None
+        return Networks(student_apply=make_apply_fn(spec.student), student_params=student,
+                        student_model=spec.student,
+                        ema_params=_student(spec, frozen_params, state.ema_params),
+                        teacher_apply=teacher_apply if spec.stage.needs_teacher else None,
+                        teacher_params=frozen_params.teacher if spec.stage.needs_teacher else None,
+                        critic_apply=teacher_apply if spec.stage.has_critic else None,
+                        critic_params=_critic(spec, frozen_params, state.critic_params))
     return Networks(student_apply=make_apply_fn(spec.student), student_params=state.params,
+                    student_model=spec.student,
                     ema_params=state.ema_params,
                     teacher_apply=teacher_apply if spec.stage.needs_teacher else None,
                     teacher_params=frozen_params if spec.stage.needs_teacher else None,
@@ -67,9 +91,10 @@ def make_generator_step(spec: StepSpec) -> Callable:
 
     def step(state: TrainState, frozen_params, batch):
         key = jax.random.fold_in(state.key(), 2 * state.step)
-        nets = _networks(spec, state, frozen_params)
+        nets = _networks(spec, state, frozen_params, merge_student=False)
 
         def objective(p):
+            p = _student(spec, frozen_params, p)  # LoRA: merged once per step, differentiated
             return spec.stage.objective(dataclasses.replace(nets, student_params=p), batch, key, opts)
 
         params, opt_state, loss, metrics, grad_norm = _descend(objective, state.params, state.opt_state, spec.tx,
@@ -96,6 +121,7 @@ def make_critic_step(spec: StepSpec) -> Callable:
         nets = _networks(spec, state, frozen_params)
 
         def objective(cp):
+            cp = _critic(spec, frozen_params, cp)
             return spec.stage.critic_objective(dataclasses.replace(nets, critic_params=cp), batch, key, opts)
 
         critic_params, opt_state, loss, metrics, grad_norm = _descend(
