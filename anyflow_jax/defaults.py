@@ -80,6 +80,10 @@ TOY_STAGES = {
                     "ema.decay": 0.99, "ema.warmup_steps": 20, "train.steps": 400},
     "far_flow_map": {"optim.lr": 3e-4, "optim.b2": 0.99, "optim.warmup_steps": 20, "ema.decay": 0.99,
                      "ema.warmup_steps": 20, "train.steps": 400},
+    # causal stage 2: the toy's stage-2 settings (no periodic evaluators yet: issue 15 item 5)
+    "far_on_policy": {"loss.steps_list": [2, 4, 8, 16, 32], "critic_loss.steps_list": [2, 4, 8, 16, 32],
+                      "optim.lr": 2e-5, "critic_optim.lr": 2e-5, "ema.decay": 0.99, "ema.warmup_steps": 20,
+                      "train.steps": 200},
 }
 
 # The FAR network of the toy's causal stages (docs/far.md): the reference's partition

@@ -20,6 +20,10 @@ stage           objective (``anyflow_jax.losses``)          networks
 ``far_flow_map`` ``causal_flow_map_loss`` (causal stage 1:  trained FAR (chunk-causal) flow-map
                 teacher forcing with the clean copy,        student, made from the teacher
                 chunk-count sampling, 10% bidirectional)    (``student_is_far``)
+``far_on_policy`` ``causal_onpolicy_generator_loss``        trained FAR student (from
+                (causal stage 2: chunk-by-chunk backward    ``far_flow_map``), frozen bidirectional
+                simulation on the KV cache + DMD + causal   teacher, trained bidirectional critic
+                stage-1 loss) and ``causal_onpolicy_critic_loss``
 ==============  ==========================================  =====================================
 
 A FAR stage (``student_is_far``) trains the chunk-causal network of
@@ -36,6 +40,8 @@ import dataclasses
 import difflib
 import inspect
 from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
 
 from anyflow_jax import losses
 from anyflow_jax.errors import RunError
@@ -168,11 +174,12 @@ def _onpolicy_objective(nets, batch, key, options):
                                           nets.critic_apply, nets.critic_params, batch, key, **options)
 
 
-def far_loss_options(model, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` with the FAR network's ``chunk_partition``/``full_chunk_limit`` filled in (a value
-    set in ``config.loss`` must equal the network's)."""
+def far_loss_options(model, options: Mapping[str, Any],
+                     names: tuple[str, ...] = ("chunk_partition", "full_chunk_limit")) -> dict[str, Any]:
+    """``options`` with the FAR network's ``chunk_partition``/``full_chunk_limit`` (or just
+    ``names``) filled in (a value set in ``config.loss`` must equal the network's)."""
     opts = dict(options)
-    for name in ("chunk_partition", "full_chunk_limit"):
+    for name in names:
         have = getattr(model, name, None) if model is not None else None
         given = opts.get(name)
         if given is None:
@@ -195,6 +202,49 @@ def _causal_flow_map_objective(nets, batch, key, options):
         return apply(p, z, t, r, c, causal=False)
     return losses.causal_flow_map_loss(causal, bidirectional, nets.student_params, batch, key,
                                        **far_loss_options(nets.student_model, options))
+
+
+def far_student_fns(apply, model) -> "losses.CausalStudent":
+    """The FAR student's paths as the functions the causal losses take: the cache encoding at
+    t = r = 0 (``empty_cache`` before the first chunk), the cached chunk, the teacher-forced
+    training forward and the bidirectional path, all of ``apply``'s parameters."""
+    def encode(p, frames, c):
+        b, f, h, w, _ = frames.shape
+        if f == 0:
+            return model.empty_cache(b, h, w)
+        zeros = jnp.zeros((b, f), jnp.float32)
+        return apply(p, frames, zeros, zeros, c, encode_cache=True)
+
+    def chunk_apply(p, z, t, r, c, cache):
+        return apply(p, z, t, r, c, kv_cache=cache)
+
+    def causal(p, z, t, r, c, clean):
+        return apply(p, z, t, r, c, clean=clean)
+
+    def bidirectional(p, z, t, r, c):
+        return apply(p, z, t, r, c, causal=False)
+    return losses.CausalStudent(encode, chunk_apply, causal, bidirectional)
+
+
+def _far_student_model(nets):
+    if nets.student_model is None or not hasattr(nets.student_model, "empty_cache"):
+        raise RunError("the causal stage-2 objective needs the FAR student network (Networks.student_model)")
+    return nets.student_model
+
+
+def _causal_onpolicy_objective(nets, batch, key, options):
+    model = _far_student_model(nets)
+    return losses.causal_onpolicy_generator_loss(
+        far_student_fns(nets.student_apply, model), nets.student_params, nets.teacher_apply, nets.teacher_params,
+        nets.critic_apply, nets.critic_params, batch, key, **far_loss_options(model, options))
+
+
+def _causal_onpolicy_critic_objective(nets, batch, key, options):
+    # the student's causal rollout (stop-gradient); the bidirectional critic is differentiated
+    model = _far_student_model(nets)
+    return losses.causal_onpolicy_critic_loss(
+        far_student_fns(nets.student_apply, model), nets.student_params, nets.critic_apply, nets.critic_params,
+        batch, key, **far_loss_options(model, options, names=("chunk_partition",)))
 
 
 def _onpolicy_critic_objective(nets, batch, key, options):
@@ -399,6 +449,29 @@ register(Stage(
                 "sampling with the long-context ratio, 10% bidirectional flow matching"))
 
 
+# Causal FAR stage 2 (the reference's FAR_Wan_AnyFlow_OnPolicy_Trainer, spec section 6.4): the
+# on_policy options with the causal rollout; the co-trained loss is causal stage 1 without its
+# bidirectional branch. The chunk partition and window are the FAR student's (filled in by the
+# adapters). The teacher (real score) and critic are bidirectional networks.
+REFERENCE_FAR_ON_POLICY_LOSS = dict(
+    steps_list=[2, 4, 8, 16, 50], shift=5.0, stop_prefix_grad=False, real_guidance_scale=3.0, dmd_weight=1.0,
+    cotrain_forward=True, flow_map_options=dict(REFERENCE_FAR_FLOW_MAP_LOSS, bidirectional_prob=0.0))
+
+register(Stage(
+    name="far_on_policy", objective=_causal_onpolicy_objective, loss_fn=losses.causal_onpolicy_generator_loss,
+    critic_objective=_causal_onpolicy_critic_objective, critic_loss_fn=losses.causal_onpolicy_critic_loss,
+    sampler="causal_flow_map", eval_name="anyflow_far", student_is_flow_map=True, student_is_far=True,
+    needs_teacher=True, starts_from={"student": "far_flow_map", "teacher": "teacher"},
+    loss_defaults=REFERENCE_FAR_ON_POLICY_LOSS, critic_loss_defaults=dict(steps_list=[2, 4, 8, 16, 50], shift=5.0),
+    config_defaults=dict(STAGES["on_policy"].config_defaults),
+    # not in the toy pipeline's default stages yet (issue 15 item 5: the causal toy and its evaluation)
+    toy_pipeline=False,
+    description="causal stage 2 (FAR): chunk-by-chunk backward simulation on the student's own detached chunks "
+                "(KV cache), DMD and critic on the whole video with the bidirectional teacher, co-trained causal "
+                "stage-1 loss"))
+
+
 __all__ = ["Stage", "Sampler", "Networks", "STAGES", "SAMPLERS", "register", "unregister", "get", "names",
            "pipeline_names", "get_sampler", "kind_matches", "by_sampler", "single_network", "check_options", "far_loss_options",
-           "REFERENCE_FLOW_MAP_LOSS", "REFERENCE_FAR_FLOW_MAP_LOSS"]
+           "REFERENCE_FLOW_MAP_LOSS", "REFERENCE_FAR_FLOW_MAP_LOSS",
+           "REFERENCE_FAR_ON_POLICY_LOSS", "far_student_fns"]

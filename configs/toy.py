@@ -8,6 +8,13 @@
   python -m anyflow_jax.train --config configs/toy.py:consistency --workdir runs/toy/consistency \
       --config.init.student=runs/toy/teacher --config.init.teacher=runs/toy/teacher
 
+The causal (FAR) pair (docs/far.md; not in the toy pipeline's default stages yet):
+
+  python -m anyflow_jax.train --config configs/toy.py:far_flow_map  --workdir runs/toy/far_flow_map \
+      --config.init.student=runs/toy/teacher
+  python -m anyflow_jax.train --config configs/toy.py:far_on_policy --workdir runs/toy/far_on_policy \
+      --config.init.student=runs/toy/far_flow_map --config.init.teacher=runs/toy/teacher
+
 Needs: nothing to download (scikit-learn's bundled digits). The teacher starts from random
 weights; each later stage starts from the named workdirs (their EMA weights). The defaults
 above are exactly these paths, so the four commands run as written from the repo root.

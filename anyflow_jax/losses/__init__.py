@@ -6,7 +6,9 @@ with ``r = t``), parameter pytree(s), a batch dict, a PRNG key and keyword optio
 ``(loss scalar, metrics dict)``. Nothing here knows about Wan. See docs/losses.md.
 """
 from anyflow_jax.losses.backward_simulation import DEFAULT_STEPS_LIST, backward_simulation, draw_steps
+from anyflow_jax.losses.causal_backward_simulation import causal_backward_simulation
 from anyflow_jax.losses.causal_flow_map import causal_flow_map_loss, sample_num_chunks
+from anyflow_jax.losses.causal_onpolicy import CausalStudent, causal_onpolicy_critic_loss, causal_onpolicy_generator_loss
 from anyflow_jax.losses.consistency import consistency_distillation_loss, consistency_loss, continuous_consistency_loss
 from anyflow_jax.losses.dmd import critic_loss, dmd_loss, sample_dmd_time
 from anyflow_jax.losses.flow_map import (
@@ -28,6 +30,10 @@ __all__ = [
     "flow_map_target",
     "causal_flow_map_loss",
     "sample_num_chunks",
+    "causal_backward_simulation",
+    "CausalStudent",
+    "causal_onpolicy_generator_loss",
+    "causal_onpolicy_critic_loss",
     "backward_simulation",
     "dmd_loss",
     "critic_loss",
