@@ -34,6 +34,9 @@ function of parameter pytrees that works with any Flax model and apply function,
 ``6 r in out`` FLOPs per kernel per step however many tokens and network calls the step makes,
 and leaves the frozen forwards (rollouts, guidance, targets) at the base model's cost. The
 numbers at Wan 1.3B/14B, and where the unmerged form would win, are in docs/lora.md.
+:func:`network_apply` is the same merge run inside the network, each layer merging its own
+kernel (one scanned layer at a time instead of the whole stacked base: what the trainer uses,
+for memory; it needs layers that read the ``lora`` collection, as the Wan ``Dense`` does).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from flax import struct
 
 __all__ = [
     "RANK_AXIS", "LoraWeights", "LoraParams", "Target", "LoraError",
-    "target_paths", "init_adapters", "abstract_adapters", "merge", "lora_apply",
+    "target_paths", "init_adapters", "abstract_adapters", "merge", "lora_apply", "COLLECTION", "network_apply",
     "as_adapters", "adapter_paths", "count_params", "box_adapters", "adapter_logical_names", "adapter_shardings",
     "REFERENCE_RANK", "REFERENCE_ALPHA", "WAN_ATTN_FFN_TARGETS", "WAN_EMBEDDER_TARGETS", "WAN_TARGETS",
     "wan_targets", "wan_linear_modules",
@@ -261,6 +264,25 @@ def _check_fit(path: Path, w, lw: LoraWeights) -> str | None:
     return None
 
 
+def _check_adapters(base_params, adapters) -> list[tuple[Path, LoraWeights]]:
+    """The flat adapters; :class:`LoraError` naming every one that is not a kernel of the base or
+    does not fit it."""
+    flat = _flat_adapters(adapters)
+    problems = []
+    for path, lw in flat:
+        try:
+            w = _get(base_params, path)
+        except KeyError:
+            problems.append(f"{'/'.join(path)}: not a parameter of the base")
+            continue
+        msg = _check_fit(path, w, lw)
+        if msg:
+            problems.append(msg)
+    if problems:
+        raise LoraError("adapters do not fit the base parameters: " + "; ".join(problems))
+    return flat
+
+
 def merge(base_params, adapters, *, dtype=None, precision=None):
     """The effective parameters: every adapted kernel ``W + (alpha / r) * A @ B``, every other
     leaf the base leaf itself (the same array, untouched).
@@ -276,19 +298,7 @@ def merge(base_params, adapters, *, dtype=None, precision=None):
     Raises :class:`LoraError` naming every adapter whose path is not in the base or whose
     factors do not fit the kernel.
     """
-    flat = _flat_adapters(adapters)
-    problems = []
-    for path, lw in flat:
-        try:
-            w = _get(base_params, path)
-        except KeyError:
-            problems.append(f"{'/'.join(path)}: not a parameter of the base")
-            continue
-        msg = _check_fit(path, w, lw)
-        if msg:
-            problems.append(msg)
-    if problems:
-        raise LoraError("adapters do not fit the base parameters: " + "; ".join(problems))
+    flat = _check_adapters(base_params, adapters)
     out = base_params
     for path, lw in flat:
         w = _get(base_params, path)
@@ -306,13 +316,43 @@ def lora_apply(apply_fn: Callable, *, dtype=None, precision=None) -> Callable:
 
     Each call merges once; a loss that calls its network several times per step (guidance,
     central differences, rollouts) repeats the merge inside the one jitted step unless XLA
-    shares it. The trainer can instead merge once per step, ``params = merge(base, adapters)``
-    inside the differentiated function, and hand ``params`` to the loss with the plain
-    ``apply_fn``; both give the same values and gradients.
+    shares it. One can instead merge once per step, ``params = merge(base, adapters)`` inside the
+    differentiated function, and hand ``params`` to the loss with the plain ``apply_fn``; both
+    give the same values and gradients. Either way the merged kernels of all layers exist at
+    once; :func:`network_apply` merges layer by layer inside the network instead.
     """
     def fn(params, z, t, r, context):
         adapters, base = params
         return apply_fn(merge(base, adapters, dtype=dtype, precision=precision), z, t, r, context)
+    return fn
+
+
+COLLECTION = "lora"
+"""The Flax variable collection :func:`network_apply` passes the adapters in."""
+
+
+def network_apply(model, *, method=None) -> Callable:
+    """Like :func:`lora_apply`, but merging inside the network: ``fn(LoraParams(adapters, base),
+    z, t, r, context, **kwargs)`` calls ``model.apply({'params': base, 'lora': adapters}, ...)``
+    and each adapted linear layer merges its own kernel, ``W + (alpha / r) A @ B``, where it is
+    used (the Wan ``Dense`` does; ``models/wan.py``). The adapters mirror the base, so a
+    scan-stacked adapter ``(L, in, r)`` is scanned with its stacked kernel and each layer of the
+    scan merges one layer's kernel: one merged kernel (and, differentiated, one ``dW``) alive at a
+    time instead of all layers' at once, and under remat the merge is recomputed per layer in the
+    backward. Values and adapter gradients equal :func:`lora_apply`'s up to float rounding
+    (``tests/test_lora.py``). The price is the merge per network call (``2 r in out`` FLOPs per
+    kernel, about 0.3% of a Wan forward at 1.3B and 14B) instead of once per step.
+
+    Only for models whose every adapted layer reads the ``lora`` collection: the adapters are
+    checked against the base (a path that is not a kernel of the base is an error), not against
+    the layers that read them."""
+    def fn(params, z, t, r, context, **kwargs):
+        adapters, base = params
+        _check_adapters(base, adapters)
+        variables = {"params": base, COLLECTION: adapters}
+        if method is not None:
+            kwargs["method"] = method
+        return model.apply(variables, z, t, r, context, **kwargs)
     return fn
 
 

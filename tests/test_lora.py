@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,6 +191,48 @@ def test_gradients_and_optimizer_state_only_for_adapters_base_unchanged():
     q0, q2 = adapters["blocks"]["attn1"]["to_q"]["kernel"], new["blocks"]["attn1"]["to_q"]["kernel"]
     assert np.abs(np.asarray(q2.lora_B)).max() > 0 and q2.alpha == ALPHA
     assert np.abs(np.asarray(q2.lora_A) - np.asarray(q0.lora_A)).max() > 0  # moves once B is non-zero
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_in_network_merge_equals_merge_outside(scan_layers):
+    """``network_apply`` (each layer merges its own kernel, one scanned layer at a time) gives the
+    values and adapter gradients of merging the whole base up front (``lora_apply``), for a
+    scanned and an unrolled student under full remat, embedder adapters included; a fresh adapter
+    is the plain network (no ``lora`` collection) exactly."""
+    model = WanTransformer3D(**CFG, flow_map=True, scan_layers=scan_layers, remat_policy="full")
+    # random leaves from the shapes alone (no compiled init: this test stays at two compilations)
+    zeros = lambda tree: jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), tree)
+    base = perturbed(zeros(nn.meta.unbox(model.abstract_params())), 1, 0.3)
+    targets = lora.wan_targets(model)
+    adapters = _trained(zeros(lora.abstract_adapters(base, targets, RANK, ALPHA)), 2)
+    fresh = jax.tree_util.tree_map(lambda lw: lora.LoraWeights(lw.lora_A, jnp.zeros_like(lw.lora_B), lw.alpha),
+                                   adapters, is_leaf=lambda x: isinstance(x, lora.LoraWeights))
+    x, t, r, ctx = _inputs(f=2, h=4, w=4)
+    outside, inside = lora.lora_apply(make_apply_fn(model)), lora.network_apply(model)
+
+    @jax.jit
+    def run(adapters, fresh, base):
+        def value_and_grad(fn):
+            def loss(ad):
+                u = fn(lora.LoraParams(ad, base), x, t, r, ctx)
+                return jnp.sum(jnp.sin(3.0 * u)), u
+            return jax.value_and_grad(loss, has_aux=True)(adapters)
+        return (value_and_grad(outside), value_and_grad(inside),
+                inside(lora.LoraParams(fresh, base), x, t, r, ctx), make_apply_fn(model)(base, x, t, r, ctx))
+
+    ((l_out, u_out), g_out), ((l_in, u_in), g_in), u_fresh, u_plain = run(adapters, fresh, base)
+    assert np.abs(np.asarray(u_out)).max() > 0.1
+    np.testing.assert_allclose(u_in, u_out, rtol=1e-5, atol=1e-6)  # bit-identical on XLA:CPU
+    np.testing.assert_allclose(l_in, l_out, rtol=1e-5)
+    assert jax.tree_util.tree_structure(g_in) == jax.tree_util.tree_structure(g_out)
+    assert len(jax.tree_util.tree_leaves(g_in)) == 2 * len(targets)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_in), jax.tree_util.tree_leaves(g_out)):
+        b = np.asarray(b)
+        assert np.abs(b).max() > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(u_fresh, u_plain)
+    with pytest.raises(lora.LoraError, match="not a parameter of the base"):
+        inside(lora.LoraParams({"nope": adapters["condition_embedder"]}, base), x, t, r, ctx)
 
 
 # ------------------------------------------------------------------------------ interop

@@ -81,7 +81,12 @@ def _zeros(names):
 
 
 class Dense(nn.Module):
-    """A linear layer with logical axis names on kernel and bias."""
+    """A linear layer with logical axis names on kernel and bias.
+
+    LoRA in the network (:func:`anyflow_jax.lora.network_apply`): when the ``lora`` variable
+    collection holds an adapter (:class:`~anyflow_jax.lora.LoraWeights`) at this layer's
+    ``kernel``, the kernel used is ``W + (alpha/r) A @ B``, merged here; inside the scanned blocks
+    that is one layer's merged kernel at a time. Without one the layer is unchanged."""
     features: int
     names: tuple[str | None, str | None]
     dtype: Any = jnp.float32
@@ -92,6 +97,8 @@ class Dense(nn.Module):
         kinit = self.kernel_init or nn.initializers.xavier_uniform()
         kernel = self.param("kernel", nn.with_logical_partitioning(kinit, self.names),
                             (x.shape[-1], self.features), jnp.float32)
+        if self.has_variable("lora", "kernel"):
+            kernel = kernel + self.get_variable("lora", "kernel").delta().astype(kernel.dtype)
         bias = self.param("bias", _zeros((self.names[1],)), (self.features,), jnp.float32)
         return _dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
@@ -639,7 +646,7 @@ def run_blocks(module: "WanTransformer3D", x, ctx, mod, rope, *, segments=None, 
     args = (x, ctx, mod, rope) + (() if kv_prefix is None else (kv_prefix,))
     if module.scan_layers:
         in_axes = (nn.broadcast, nn.broadcast, nn.broadcast) + (() if kv_prefix is None else (0,))
-        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        blocks = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                          in_axes=in_axes, length=module.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, name="blocks")
         return blocks(*args)

@@ -43,27 +43,34 @@ class StepSpec:
 
 
 def _student(spec: StepSpec, frozen_params, params):
-    """The trained network's effective parameters (adapters merged into the base with LoRA)."""
-    return lora_lib.merge(frozen_params.base, params) if spec.lora else params
+    """The trained network's parameters as its apply function takes them: with LoRA the adapters
+    on their frozen base, ``LoraParams(adapters, base)``, merged inside the network layer by layer
+    (:func:`anyflow_jax.lora.network_apply`; docs/lora.md)."""
+    if not spec.lora or params is None:
+        return params
+    return lora_lib.LoraParams(params, frozen_params.base)
 
 
 def _critic(spec: StepSpec, frozen_params, params):
-    return lora_lib.merge(frozen_params.critic_base, params) if spec.lora and params is not None else params
+    if not spec.lora or params is None:
+        return params
+    return lora_lib.LoraParams(params, frozen_params.critic_base)
 
 
 def _networks(spec: StepSpec, state: TrainState, frozen_params, *, merge_student: bool = True) -> Networks:
     teacher_apply = make_apply_fn(spec.teacher) if spec.teacher is not None else None
     if spec.lora:
-        # merged outside any differentiation (the generator step merges the student inside its
-        # objective instead); a network the objective does not use (the EMA outside the
-        # consistency objective) is removed by XLA
+        # student, its EMA and the critic are adapters on their base, merged by each layer of the
+        # network where it is used (so inside the layer scan, one layer's merged kernel at a
+        # time); the frozen teacher (real score) was merged once, outside the steps
         student = _student(spec, frozen_params, state.params) if merge_student else None
-        return Networks(student_apply=make_apply_fn(spec.student), student_params=student,
+        critic_apply = lora_lib.network_apply(spec.teacher) if spec.teacher is not None else None
+        return Networks(student_apply=lora_lib.network_apply(spec.student), student_params=student,
                         student_model=spec.student,
                         ema_params=_student(spec, frozen_params, state.ema_params),
                         teacher_apply=teacher_apply if spec.stage.needs_teacher else None,
                         teacher_params=frozen_params.teacher if spec.stage.needs_teacher else None,
-                        critic_apply=teacher_apply if spec.stage.has_critic else None,
+                        critic_apply=critic_apply if spec.stage.has_critic else None,
                         critic_params=_critic(spec, frozen_params, state.critic_params))
     return Networks(student_apply=make_apply_fn(spec.student), student_params=state.params,
                     student_model=spec.student,
@@ -94,7 +101,7 @@ def make_generator_step(spec: StepSpec) -> Callable:
         nets = _networks(spec, state, frozen_params, merge_student=False)
 
         def objective(p):
-            p = _student(spec, frozen_params, p)  # LoRA: merged once per step, differentiated
+            p = _student(spec, frozen_params, p)  # LoRA: the adapters (differentiated) on the base
             return spec.stage.objective(dataclasses.replace(nets, student_params=p), batch, key, opts)
 
         params, opt_state, loss, metrics, grad_norm = _descend(objective, state.params, state.opt_state, spec.tx,
