@@ -50,6 +50,7 @@ import numpy as np
 
 from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
+from anyflow_jax.losses.causal_backward_simulation import chunk_starts
 from anyflow_jax.losses.flow_map import DIFFUSION, flow_map_terms, sample_time_pairs, time_pair_kinds
 from anyflow_jax.losses.flow_matching import flow_matching_loss
 
@@ -65,12 +66,8 @@ def check_partition(chunk_partition, full_chunk_limit) -> tuple[tuple[int, ...],
     if chunk_partition is None or full_chunk_limit is None:
         raise ValueError("chunk_partition and full_chunk_limit are required (the FAR network's own; the stage's "
                          "objective takes them from the student network)")
-    try:
-        cp = tuple(int(c) for c in chunk_partition)
-    except (TypeError, ValueError):
-        raise ValueError(f"chunk_partition must be a sequence of frame counts, got {chunk_partition!r}") from None
-    if not cp or min(cp) < 1:
-        raise ValueError(f"chunk_partition must be positive frame counts, got {list(cp)}")
+    starts = chunk_starts(chunk_partition)  # validates the partition
+    cp = tuple(b - a for a, b in zip(starts, starts[1:]))
     if isinstance(full_chunk_limit, bool) or not isinstance(full_chunk_limit, (int, np.integer)) \
             or not 1 <= full_chunk_limit <= len(cp):
         raise ValueError(f"full_chunk_limit must be an integer in [1, len(chunk_partition) = {len(cp)}], "
