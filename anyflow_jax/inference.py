@@ -177,6 +177,11 @@ class Generator:
         self._programs: dict = {}
         self.traces = 0  # how often the any-step sampler was traced (each trace is a compile)
 
+    @property
+    def causal(self) -> bool:
+        """Whether the checkpoint samples chunk by chunk (a FAR network: takes ``context_latents``)."""
+        return self._sampler.causal
+
     def video_shape(self) -> tuple[int, int, int, int]:
         shape = self.conditioning.video_shape()
         if shape is None:
@@ -203,22 +208,29 @@ class Generator:
         if guidance not in self._programs:
             run, apply, shift = self._sampler.run, self._apply, self.shift
 
-            def fn(params, noise, context, neg, keys, grid, steps):
+            def fn(params, noise, context, neg, keys, grid, steps, context_latents=None):
                 self.traces += 1
+                extra = {} if context_latents is None else {"context_latents": context_latents}
                 return run(apply, params, noise, context, num_steps=steps, shift=shift, guidance=guidance,
-                           neg_context=neg, keys=keys, grid=grid)
+                           neg_context=neg, keys=keys, grid=grid, **extra)
             self._programs[guidance] = jax.jit(fn)
         return self._programs[guidance]
 
     def sample(self, noise, context, steps: int, *, guidance: float | None = None, neg_context=None,
-               keys: jax.Array | None = None, capacity: int | None = None) -> jax.Array:
+               keys: jax.Array | None = None, capacity: int | None = None, context_latents=None) -> jax.Array:
         """Generate from ``noise`` (B, F, H, W, C) with ``steps`` model evaluations per sample
         (times 2 with CFG). ``keys`` (B,) feed a stochastic sampler (default: :func:`sample_keys`
         of seed 0 and indices 0..B-1). Every step count up to ``capacity`` (default
         :func:`sampling.grid_capacity` of ``steps``: 1..32 steps share one program) runs the same
-        compiled program; pass the largest step count's capacity when sampling several."""
+        compiled program; pass the largest step count's capacity when sampling several.
+        ``context_latents`` (B, Fc, H, W, C), a causal (FAR) sampler only: the first ``Fc`` latent
+        frames are given (image-to-video: 1; video-to-video: a chunk boundary) and returned as they
+        are; the rest continues them (one program per ``Fc``)."""
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if context_latents is not None and not self._sampler.causal:
+            raise ValueError(f"context_latents (image/video-to-video) needs a causal (FAR) checkpoint; "
+                             f"{self.path} samples with the {self.kind} sampler")
         cap = flow_sampling.grid_capacity(steps) if capacity is None else int(capacity)
         if cap < steps:
             raise ValueError(f"capacity {cap} is below the step count {steps}")
@@ -234,7 +246,8 @@ class Generator:
         if keys is None:
             keys = sample_keys(0, np.arange(noise.shape[0]))
         grid = flow_sampling.padded_step_grid(int(steps), cap, self.shift)
-        return self._program(g)(self.params, noise, context, neg_context, keys, grid, np.int32(steps))
+        extra = () if context_latents is None else (jnp.asarray(context_latents),)
+        return self._program(g)(self.params, noise, context, neg_context, keys, grid, np.int32(steps), *extra)
 
 
 def _is_far(model) -> bool:

@@ -8,6 +8,10 @@ lives in ``<workdir>/<stage>`` and resumes (or is skipped when finished) if the 
 again; the evaluation is written to ``<workdir>/eval``. ``--override key=value`` changes any
 config field of every stage (YAML values).
 
+``--causal`` adds the causal (FAR) pair, ``far_flow_map`` (from the teacher) and ``far_on_policy``
+(from it, with the teacher as the real score), to the stages and their text-to-video and
+image-to-video rows to the evaluation (docs/far.md).
+
 ``--seeds 0,1,2`` repeats the whole pipeline per training seed (``seed`` and ``data.seed``) in
 ``<workdir>/seed<k>/``, evaluates each (one shared classifier in ``<workdir>/eval/classifier``)
 and writes the mean and spread over seeds to ``<workdir>/eval/summary.json`` and
@@ -56,6 +60,12 @@ def stage_config(stage: str, root: str, overrides: dict, steps_scale: float = 1.
         # stage adapts it with LoRA (configs/toy.py)
         c.lora.enabled = False
     return c
+
+
+def causal_stages() -> tuple[str, ...]:
+    """The causal (FAR) stages ``--causal`` adds, in registration order (they start from the
+    teacher, which the default stages train first)."""
+    return tuple(name for name in stage_registry.names() if stage_registry.get(name).student_is_far)
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -123,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workdir", default="runs/toy")
     ap.add_argument("--stages", default=",".join(stage_registry.pipeline_names()),
                     help="comma-separated subset, in order (any registered stage)")
+    ap.add_argument("--causal", action="store_true",
+                    help="also train and evaluate the causal (FAR) pair after the stages: "
+                         + ", ".join(causal_stages()) + " (text-to-video and image-to-video rows)")
     ap.add_argument("--override", action="append", metavar="FIELD=VALUE",
                     help="config field for every stage, e.g. data.global_batch_size=8 (YAML value)")
     # dashes, as every other CLI; the underscore spellings of earlier versions keep working
@@ -148,6 +161,8 @@ def main(argv=None) -> int:
     try:  # every flag is checked before any work
         args = build_parser().parse_args(argv)
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+        if args.causal:
+            stages += tuple(s for s in causal_stages() if s not in stages)
         bad = [s for s in stages if s not in stage_registry.names()]
         if bad:
             raise cli.UsageError(f"--stages: unknown stage {bad[0]!r} (stages: {', '.join(stage_registry.names())})")

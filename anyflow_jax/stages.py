@@ -64,7 +64,8 @@ class Sampler:
     stochastic: bool = False
     description: str = ""
     # the sampler needs a FAR (chunk-causal) network: ``run``'s first argument is then the FAR
-    # module itself (the chunk loop calls its cache paths), not an apply function
+    # module itself (the chunk loop calls its cache paths), not an apply function; ``run`` also
+    # takes ``context_latents`` (given first latent frames: image- and video-to-video)
     causal: bool = False
 
 
@@ -81,12 +82,13 @@ def _flow_map(apply_fn, params, noise, context, *, num_steps, shift, guidance, n
                            guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None, grid=grid)
 
 
-def _causal_flow_map(model, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
+def _causal_flow_map(model, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None,
+                     context_latents=None):
     del keys
     from anyflow_jax.flow import causal_sampling  # the sampler of FAR networks (imports no model code)
     return causal_sampling.causal_sample(model, params, noise, context, num_steps=num_steps, shift=shift,
                                          guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None,
-                                         grid=grid)
+                                         grid=grid, context_latents=context_latents)
 
 
 def _consistency(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
@@ -443,7 +445,7 @@ register(Stage(
     name="far_flow_map", objective=_causal_flow_map_objective, loss_fn=losses.causal_flow_map_loss,
     sampler="causal_flow_map", eval_name="anyflow_far_stage1", student_is_flow_map=True, student_is_far=True,
     starts_from={"student": "teacher"}, loss_defaults=dict(REFERENCE_FAR_FLOW_MAP_LOSS),
-    # not in the toy pipeline's default stages yet (issue 15 item 5: the causal toy and its evaluation)
+    # not in the toy pipeline's default stages: `python -m anyflow_jax.pipeline --causal` adds the pair
     toy_pipeline=False,
     description="causal stage 1 (FAR): teacher-forced chunk-causal flow-map loss with the clean copy, chunk-count "
                 "sampling with the long-context ratio, 10% bidirectional flow matching"))
@@ -464,7 +466,7 @@ register(Stage(
     needs_teacher=True, starts_from={"student": "far_flow_map", "teacher": "teacher"},
     loss_defaults=REFERENCE_FAR_ON_POLICY_LOSS, critic_loss_defaults=dict(steps_list=[2, 4, 8, 16, 50], shift=5.0),
     config_defaults=dict(STAGES["on_policy"].config_defaults),
-    # not in the toy pipeline's default stages yet (issue 15 item 5: the causal toy and its evaluation)
+    # not in the toy pipeline's default stages: `python -m anyflow_jax.pipeline --causal` adds the pair
     toy_pipeline=False,
     description="causal stage 2 (FAR): chunk-by-chunk backward simulation on the student's own detached chunks "
                 "(KV cache), DMD and critic on the whole video with the bidirectional teacher, co-trained causal "

@@ -171,3 +171,17 @@ def tiny_consistency(shared_runs, tiny_teacher, tiny_last):
     cfg.init.student = cfg.init.teacher = tiny_teacher
     wd, tiny_last["consistency"] = _train_shared(shared_runs, "consistency", cfg)
     return wd
+
+
+@pytest.fixture(scope="session")
+def tiny_far_flow_map(shared_runs, tiny_teacher, tiny_last):
+    """A tiny causal stage-1 (FAR) flow map: 2 steps from the tiny teacher, chunks (1, 2, 1) (the
+    tiny runs' 4 frames), window 2; a cheaper program than the toy's (no guidance fusion, text
+    dropout or bidirectional branch; still the switch over 2 and 3 chunks)."""
+    from runs_testlib import tiny
+    cfg = tiny("far_flow_map", steps=2, checkpoint_every=2)
+    cfg.model.update(dict(chunk_partition=(1, 2, 1), full_chunk_limit=2))
+    cfg.loss.update(dict(fuse_guidance_scale=1.0, text_dropout=0.0, bidirectional_prob=0.0))
+    cfg.init.student = tiny_teacher
+    wd, tiny_last["far_flow_map"] = _train_shared(shared_runs, "far_flow_map", cfg)
+    return wd

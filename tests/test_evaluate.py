@@ -258,6 +258,47 @@ def test_evaluate_reuses_its_caches(evaluated, tiny_runs):
                                                                         rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.slow
+def test_a_causal_model_gets_image_to_video_scores(evaluated, tiny_runs, tiny_far_flow_map, tmp_path):
+    """A FAR checkpoint is evaluated for text-to-video like every model, and for image-to-video:
+    it continues frame 0 of the real held-out videos (prompted with their digit, and with the null
+    prompt), scored by the classifier; the scores equal an independent recomputation."""
+    import jax.numpy as jnp
+    from anyflow_jax.inference import load_generator
+    out, _ = evaluated
+    res = ev.evaluate({"teacher": tiny_runs["teacher"], "far": tiny_far_flow_map}, [1], 20, str(tmp_path / "ev"),
+                      reference_steps=2, seed=3, chunk_size=8, classifier_config=SMALL_CLF, progress=False,
+                      verbose=False, plot=False, classifier_dir=os.path.join(out, "classifier"))
+    assert res["classifier"]["cached"]
+    assert res["models"]["far"]["kind"] == "causal_flow_map"
+    assert all(np.isfinite(res["metrics"][m]["far"]["1"]) for m in ev.METRICS)
+    i2v = res["i2v"]
+    assert set(i2v["metrics"]) == {"prompted", "unprompted"}
+    for mode in ("prompted", "unprompted"):
+        for metric in ev_harness.I2V_METRICS:
+            assert set(i2v["metrics"][mode][metric]) == {"far"}  # causal models only
+    # recompute: frame 0 of the FD set's real videos, the same noise, the video's digit as prompt
+    g = load_generator(tiny_far_flow_map)
+    table, neg = ev_harness.class_table(g)
+    real, digits, _ = clf_lib.real_videos(20, split="test", seed=3 + 10_000, video_shape=SHAPE4)
+    noise = initial_noise(3, np.arange(20), SHAPE4)
+    clf = clf_lib.TrainedClassifier.load(os.path.join(out, "classifier"))
+    real_feats = clf.features(real)
+    for mode, ctx in (("prompted", table[digits]), ("unprompted", np.broadcast_to(neg, (20,) + neg.shape[1:]))):
+        x = np.asarray(g.sample(jnp.asarray(noise), jnp.asarray(ctx), 1, context_latents=jnp.asarray(real[:, :1])))
+        np.testing.assert_array_equal(x[:, :1], real[:, :1])  # the given frame is kept as it is
+        p = clf.predict(x)
+        m = i2v["metrics"][mode]
+        assert m["digit_kept"]["far"]["1"] == conditional_accuracy(p["digit_logits"], digits)
+        assert m["fd"]["far"]["1"] == pytest.approx(frechet_distance(p["features"], real_feats), rel=1e-3)
+        conf = np.exp(p["motion_logits"] - p["motion_logits"].max(-1, keepdims=True))
+        conf = (conf / conf.sum(-1, keepdims=True)).max(-1).mean()
+        assert m["motion_confidence"]["far"]["1"] == pytest.approx(float(conf), rel=1e-5)
+    assert 0 < i2v["real_motion_confidence"] <= 1
+    table_text = ev.format_table(res)
+    assert "image-to-video (prompted) digit_kept" in table_text and "image-to-video (unprompted) fd" in table_text
+
+
 # ------------------------------------------------------------------------------ bad input
 def test_parsers():
     assert ev.parse_models("a=/x, b=y/z") == {"a": "/x", "b": "y/z"}

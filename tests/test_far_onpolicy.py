@@ -140,19 +140,12 @@ def test_stage_record_and_toy_config():
 
 
 @pytest.mark.slow
-def test_trainer_runs_causal_stage_2_from_a_tiny_far_flow_map_run(tiny_teacher, tmp_path):
+def test_trainer_runs_causal_stage_2_from_a_tiny_far_flow_map_run(tiny_teacher, tiny_far_flow_map, tmp_path):
     from runs_testlib import metrics, tiny
 
     from anyflow_jax import inference
     from anyflow_jax.training.loop import train
-    # the causal stage-1 run of test_far_train.py's trainer test (same config: same programs)
-    cfg = tiny("far_flow_map", steps=2, checkpoint_every=2)
-    cfg.model.update(dict(chunk_partition=(1, 2, 1), full_chunk_limit=2))
-    cfg.loss.update(dict(fuse_guidance_scale=1.0, text_dropout=0.0, bidirectional_prob=0.0))
-    cfg.init.student = tiny_teacher
-    far_wd = str(tmp_path / "far_flow_map")
-    train(cfg, far_wd)
-
+    far_wd = tiny_far_flow_map  # conftest's shared causal stage-1 run (chunks (1, 2, 1), window 2)
     cfg = tiny("far_on_policy", steps=2, checkpoint_every=2)
     cfg.model.update(dict(chunk_partition=(1, 2, 1), full_chunk_limit=2))
     cfg.loss.steps_list = [2, 4]

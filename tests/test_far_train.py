@@ -16,7 +16,7 @@ import pytest
 
 from anyflow_jax import inference
 from anyflow_jax import stages as stage_registry
-from anyflow_jax.flow import schedule
+from anyflow_jax.flow import causal_sampling, schedule
 from anyflow_jax.losses.causal_flow_map import causal_flow_map_loss, chunk_counts, sample_num_chunks
 from anyflow_jax.models.far_wan import FarWanTransformer3D
 
@@ -151,18 +151,12 @@ def test_stage_record_and_toy_config():
         stage_registry.far_loss_options(FarWanTransformer3D(**CFG), {"chunk_partition": (2, 2)})
 
 
-def test_trainer_runs_the_causal_stage_from_the_tiny_teacher(tiny_teacher, tmp_path):
-    from runs_testlib import metrics, tiny
+def test_trainer_runs_the_causal_stage_from_the_tiny_teacher(tiny_far_flow_map, tiny_teacher):
+    from runs_testlib import metrics
 
-    from anyflow_jax.training.loop import train
-    cfg = tiny("far_flow_map", steps=2, checkpoint_every=2)
-    cfg.model.update(dict(chunk_partition=(1, 2, 1), full_chunk_limit=2))
-    # a cheaper program (the loss test covers guidance fusion and the bidirectional branch): no
-    # unconditional forward, no bidirectional branch; still the switch over 2 and 3 chunks
-    cfg.loss.update(dict(fuse_guidance_scale=1.0, text_dropout=0.0, bidirectional_prob=0.0))
-    cfg.init.student = tiny_teacher
-    wd = str(tmp_path / "far")
-    train(cfg, wd)
+    # conftest's shared run (2 steps, chunks (1, 2, 1); the loss test covers guidance fusion and
+    # the bidirectional branch, which that cheaper program leaves out)
+    wd = tiny_far_flow_map
     rows = metrics(wd)
     assert [r["step"] for r in rows][-1] == 2
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["causal_loss"]) for r in rows)
@@ -173,3 +167,14 @@ def test_trainer_runs_the_causal_stage_from_the_tiny_teacher(tiny_teacher, tmp_p
     ctx = np.stack(list(gen.conditioning.contexts(["class3", "class7"]).values()))
     video = np.asarray(gen.sample(noise, ctx, 2))
     assert video.shape == noise.shape and np.all(np.isfinite(video))
+    # image-to-video through the generator: the given frame comes back as it is, the rest is
+    # causal_sample's continuation of it
+    first = np.random.RandomState(1).randn(2, 1, 16, 16, 1).astype(np.float32)
+    i2v = np.asarray(gen.sample(noise, ctx, 2, context_latents=first))
+    np.testing.assert_array_equal(i2v[:, :1], first)
+    want = causal_sampling.causal_sample(gen.model, gen.params, noise, ctx, num_steps=2, shift=gen.shift,
+                                         context_latents=first)
+    np.testing.assert_allclose(i2v, np.asarray(want), atol=1e-5)
+    assert not np.allclose(i2v[:, 1:], video[:, 1:], atol=1e-3)  # the frame steers the continuation
+    with pytest.raises(ValueError, match="needs a causal"):
+        inference.load_generator(tiny_teacher).sample(noise, ctx, 2, context_latents=first)

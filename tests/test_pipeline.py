@@ -45,6 +45,16 @@ def test_pipeline_chains_the_four_stages(tmp_path, capsys):
     assert os.path.getmtime(os.path.join(root, "teacher", "metrics.jsonl")) == before
 
 
+def test_causal_flag_adds_the_far_pair_wired_to_the_teacher(tmp_path):
+    root = str(tmp_path)
+    assert pipeline.causal_stages() == ("far_flow_map", "far_on_policy")
+    assert not set(pipeline.causal_stages()) & set(pipeline.ORDER)  # not in the default stages
+    stage1, stage2 = (pipeline.stage_config(s, root, {}) for s in pipeline.causal_stages())
+    assert stage1.init.student == f"{root}/teacher" and not stage1.init.teacher
+    assert (stage2.init.student, stage2.init.teacher) == (f"{root}/far_flow_map", f"{root}/teacher")
+    assert stage2.model.chunk_partition == (1, 3, 2, 2)
+
+
 def test_pipeline_rejects_bad_arguments(tmp_path, capsys):
     assert pipeline.main(["--workdir", str(tmp_path), "--override", "model.nope=1", "--eval_steps", ""]) == 2
     assert "--override model.nope: config.model.nope is not a config field" in capsys.readouterr().err
@@ -81,6 +91,19 @@ def test_aggregate_over_seeds(tmp_path):
     assert "200 ± 100" in table and "0.600 ± 0.100" in table
     harness.plot_results(agg, str(tmp_path / "s.png"))
     assert os.path.getsize(tmp_path / "s.png") > 1000
+    # the causal models' image-to-video scores are aggregated the same way
+    runs = {}
+    for seed, kept in ((0, 0.4), (1, 0.6)):
+        r = res(100.0, 0.5)
+        r["i2v"] = {"protocol": "p", "real_motion_confidence": 0.8 + seed / 10, "metrics": {
+            mode: {m: {"far": {"1": kept, "4": kept / 2}} for m in harness.I2V_METRICS} for mode in harness.I2V_PROMPTS}}
+        runs[seed] = r
+    agg = harness.aggregate(runs)
+    cell = agg["i2v"]["metrics"]["unprompted"]["digit_kept"]["far"]["1"]
+    assert cell["mean"] == pytest.approx(0.5) and cell["values"] == [0.4, 0.6]
+    assert agg["i2v"]["real_motion_confidence"] == pytest.approx(0.85)
+    assert "image-to-video (unprompted) digit_kept" in harness.format_aggregate(agg)
+    assert "i2v" not in harness.aggregate({0: res(1.0, 0.1), 1: runs[1]})  # only when every seed has it
     other = res(1.0, 0.1)
     other["steps"] = [1, 2]
     with pytest.raises(harness.EvalError, match="seed 9: the evaluation has other models or step counts"):

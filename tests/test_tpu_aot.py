@@ -83,7 +83,7 @@ def test_on_policy_steps_and_sampler_compile_for_tpu_without_a_tpu(tiny_on_polic
     # the analytic count of the generator step only (tracing the critic's too adds ~5 s)
     analytic = aot.analytic_flops(run, batch, programs=("generator",))["generator"]
     executed = aot.analytic_flops(run, batch, remat=True, programs=("generator",))["generator"]
-    kernel = aot.kernel_flops(run, batch, programs=("generator",))["generator"]
+    kernel = aot.kernel_flops(run, batch, programs=("generator",), executed={"generator": executed})["generator"]
     assert 0 < kernel < executed  # the splash kernels' matmuls, which the compiler counts as zero
     for name, program in (("generator", compiled.generator), ("critic", compiled.critic)):
         counts = dict(analytic=analytic, executed=executed) if name == "generator" else {}
@@ -225,12 +225,12 @@ def test_cli_bad_topology_is_one_error_line(topology, words):
 def test_vae_decode_compiles_for_one_tpu_chip():
     chip, devices = aot.topology_devices(TOPOLOGY)
     # narrow widths (the compile path and the memory analysis are what is tested; real widths: the tool)
-    compiled, model, (params, z) = aot.compile_vae_decode(devices[0], latent_shape=(2, 8, 8),
+    compiled, model, (params, z) = aot.compile_vae_decode(devices[0], latent_shape=(2, 4, 4),
                                                           model_kwargs=dict(base_dim=8, num_res_blocks=1))
-    assert z.shape == (1, 2, 8, 8, model.z_dim) and devices[0].platform == "tpu"
+    assert z.shape == (1, 2, 4, 4, model.z_dim) and devices[0].platform == "tpu"
     rep = aot.step_report("vae decode", compiled, chip)
     assert all(rep["memory"][f] > 0 for f in ("argument", "output", "temp")) and rep["fits"]
-    assert rep["memory"]["output"] >= 5 * 64 * 64 * 3 * 4  # 1 + 4 frames of 64x64 RGB, fp32
+    assert rep["memory"]["output"] >= 5 * 32 * 32 * 3 * 4  # 1 + 4 frames of 32x32 RGB, fp32
     # the decoder's fp32 parameters are arguments (at these narrow widths TPU tile padding inflates
     # small kernels, so no upper bound here; docs/benchmarks.md has the real-width figures)
     decoder = 4 * sum(x.size for x in jax.tree_util.tree_leaves(params["decoder"]))

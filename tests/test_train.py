@@ -121,10 +121,15 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
     assert p.returncode == 75, out  # saved and stopped: the documented "preempted" status (README)
     stopped = RunCheckpointer(termed, read_only=True).latest_step()
     assert 2 <= stopped < total, stopped
-    assert "stopped by SIGTERM" in out
+    # the same story as test_preemption.py's SIGINT test: one line, no traceback, each step logged once
+    assert out.count(f"stopped by SIGTERM at step {stopped}; checkpoint saved") == 1, out
+    assert "finished" not in out and "Traceback" not in out
+    assert logged_steps(termed) == list(range(1, stopped + 1))
     p = _cli(termed, total, EVAL_FLAGS)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out
+    assert f"resumed from {termed}/checkpoints step {stopped}" in out
+    assert logged_steps(termed) == list(range(1, total + 1))
 
     for wd in (killed, termed):
         for item in ("params", "opt_state", "ema_params", "meta"):

@@ -164,7 +164,8 @@ def compile_slice(config, topology: str, *, sampler: bool = True, quiet: bool = 
         meta["compile_s"]["analytic"] = round(time.perf_counter() - t0, 1)
     corrected, kernel = {}, {}
     if _LOOP_CORRECTED.value:
-        kernel = aot.kernel_flops(run, batch) if _TRAIN.value else {}
+        steps_executed = {k: v for k, v in executed.items() if k != "sampler"} if _ANALYTIC.value else None
+        kernel = aot.kernel_flops(run, batch, executed=steps_executed) if _TRAIN.value else {}
         if sampler_args is not None:
             kernel["sampler"] = aot.sampler_kernel_flops(run, sampler_args, steps=steps)
         t0 = time.perf_counter()

@@ -164,10 +164,11 @@ def _check_checkpoint(label: str, path: str, kind: str | None = None) -> None:
         raise EvalError(f"{label}: {full} is a {found} checkpoint (stage {stage}), not {kind}")
 
 
-def _generate(gen, noise, labels, table, neg, steps, guidance, *, seed, chunk_size, progress=None, capacity=None):
+def _generate(gen, noise, labels, table, neg, steps, guidance, *, seed, chunk_size, progress=None, capacity=None,
+              context_latents=None):
     """Videos from ``gen`` for every row of ``noise``, in chunks of ``chunk_size`` (the last chunk is
     padded to the same shape, so the sampler compiles once for every step count up to
-    ``capacity``)."""
+    ``capacity``); ``context_latents`` (N, Fc, ...): given first frames (a causal model's I2V)."""
     import jax.numpy as jnp
 
     from anyflow_jax.inference import sample_keys
@@ -179,8 +180,9 @@ def _generate(gen, noise, labels, table, neg, steps, guidance, *, seed, chunk_si
         k = idx.size
         idx = np.concatenate([idx, np.repeat(idx[-1:], size - k)])  # pad: one compiled shape
         z, c = noise[idx], table[labels[idx]]
+        extra = {} if context_latents is None else {"context_latents": jnp.asarray(context_latents[idx])}
         x = gen.sample(jnp.asarray(z), jnp.asarray(c), int(steps), guidance=guidance, neg_context=jnp.asarray(neg),
-                       keys=sample_keys(seed, idx), capacity=capacity)
+                       keys=sample_keys(seed, idx), capacity=capacity, **extra)
         outs.append(np.asarray(x, np.float32)[:k])
         if progress is not None:
             progress.update(1)
@@ -312,7 +314,8 @@ def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_s
         f"(motion ceiling {clf.metrics.get('motion_bayes_accuracy', float('nan')):.3f}) [{clf_seconds:.1f}s]")
 
     # ---- real sets
-    real, real_digits, _ = clf_lib.real_videos(num_samples, split="test", seed=seed + _REAL_OFFSET, video_shape=shape)
+    real, real_digits, real_dirs = clf_lib.real_videos(num_samples, split="test", seed=seed + _REAL_OFFSET,
+                                                       video_shape=shape)
     floor, _, _ = clf_lib.real_videos(num_samples, split="test", seed=seed + _REAL_FLOOR_OFFSET, video_shape=shape)
     real_pred = clf.predict(real)
     real_feats = real_pred["features"].astype(np.float64)
@@ -331,7 +334,9 @@ def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_s
         noise=hashlib.sha256(noise.tobytes()).hexdigest(), table=hashlib.sha256(table.tobytes()).hexdigest(),
         neg=hashlib.sha256(np.asarray(neg).tobytes()).hexdigest()), sort_keys=True).encode()).hexdigest()[:16]
     ref_file = os.path.join(out, "reference", f"ode-{ref_key}.npy")
-    total = len(gens) * len(steps) * n_chunks + (0 if os.path.exists(ref_file) else n_chunks)
+    causal = [name for name, g in gens.items() if g.causal]
+    total = (len(gens) + len(I2V_PROMPTS) * len(causal)) * len(steps) * n_chunks + (
+        0 if os.path.exists(ref_file) else n_chunks)
     bar = tqdm(total=total, desc="evaluate", unit="chunk", disable=cli.progress_disable(progress), dynamic_ncols=True)
 
     t0 = time.perf_counter()
@@ -379,6 +384,11 @@ def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_s
             metrics["fd"][name][str(n)] = M.frechet_distance(pred["features"], real_feats)
             metrics["accuracy"][name][str(n)] = M.conditional_accuracy(pred["digit_logits"], labels)
             metrics["ode_distance"][name][str(n)] = M.ode_distance(x, reference)
+    i2v = None
+    if causal:
+        i2v = _image_to_video({name: gens[name] for name in causal}, clf, steps, noise, real, real_digits,
+                              real_feats, table, neg, seed=seed, chunk_size=chunk_size, bar=bar,
+                              capacity=grid_capacity(max(steps)), gen_seconds=gen_seconds)
     bar.close()
 
     results = {
@@ -409,6 +419,7 @@ def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_s
         "real_baseline": baseline,
         "metric_info": METRIC_INFO,
         "metrics": metrics,
+        **({"i2v": i2v} if i2v is not None else {}),
         "nonfinite_samples": nonfinite,
         "wall_seconds": {"classifier": clf_seconds, "reference": ref_seconds, "generation": gen_seconds,
                          "total": None},
@@ -418,6 +429,64 @@ def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_s
     results["wall_seconds"]["total"] = time.perf_counter() - t_start
     fileio.atomic_write_bytes(os.path.join(out, RESULTS_FILE), (json.dumps(results, indent=2) + "\n").encode())
     return results
+
+
+# ------------------------------------------------------------------------------ image-to-video
+I2V_PROMPTS = ("prompted", "unprompted")
+I2V_METRICS = ("digit_kept", "fd", "motion_confidence")
+I2V_INFO = {
+    "digit_kept": "the classifier's digit of the continuation == the digit of the real video whose first frame "
+                  "was given (higher is better)",
+    "fd": "Frechet distance of the continuations to the real held-out videos (lower is better)",
+    "motion_confidence": "mean top probability of the classifier's motion head: one clear direction of motion "
+                         "(real videos: real_motion_confidence)",
+}
+
+
+def _image_to_video(gens, clf, steps, noise, real, real_digits, real_feats, table, neg, *, seed, chunk_size, bar,
+                    capacity, gen_seconds) -> dict:
+    """Image-to-video of causal (FAR) models: each continues the first frame of the real held-out
+    video ``i`` (the same videos the FD compares with) from the same noise as text-to-video, with
+    the prompt of that video's digit (``prompted``) and with the negative (null) prompt
+    (``unprompted``: the digit can only come from the frame)."""
+    from anyflow_jax.evaluation import metrics as M
+    first = real[:, :1]
+    labels = np.asarray(real_digits)
+    real_conf = float(np.mean(_softmax(clf.predict(real)["motion_logits"]).max(-1)))
+    out: dict = {"protocol": "continue frame 0 of real held-out video i (the FD set), noise as text-to-video; "
+                             "prompted: the prompt of its digit; unprompted: the negative (null) prompt",
+                 "metric_info": I2V_INFO, "real_motion_confidence": real_conf, "metrics": {}}
+    for mode in I2V_PROMPTS:
+        mtable = table if mode == "prompted" else np.broadcast_to(neg, (table.shape[0],) + neg.shape[1:])
+        cells = out["metrics"][mode] = {m: {name: {} for name in gens} for m in I2V_METRICS}
+        for name, g in gens.items():
+            guidance = _default_guidance(g)
+            for n in steps:
+                bar.set_postfix_str(f"{name} i2v {mode} {cli.plural(n, 'step')}")
+                t1 = time.perf_counter()
+                x = _generate(g, noise, labels, mtable, neg, n, guidance, seed=seed, chunk_size=chunk_size,
+                              progress=bar, capacity=capacity, context_latents=first)
+                gen_seconds[name][f"i2v_{mode}_{n}"] = time.perf_counter() - t1
+                if not np.all(np.isfinite(x)):
+                    for m in I2V_METRICS:
+                        cells[m][name][str(n)] = None
+                    continue
+                pred = clf.predict(x)
+                cells["digit_kept"][name][str(n)] = M.conditional_accuracy(pred["digit_logits"], labels)
+                cells["fd"][name][str(n)] = M.frechet_distance(pred["features"], real_feats)
+                cells["motion_confidence"][name][str(n)] = float(np.mean(_softmax(pred["motion_logits"]).max(-1)))
+    return out
+
+
+def _softmax(logits) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _default_guidance(gen) -> float:
+    from anyflow_jax.inference import default_guidance
+    return default_guidance(gen.kind)
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -459,6 +528,18 @@ def format_table(results: Mapping[str, Any]) -> str:
             lines.append(f"  (real videos: {_fmt(base['accuracy_real'], metric)})")
         cells = [[_fmt(results["metrics"][metric][n].get(s), metric) for s in steps] for n in names]
         lines.extend(_grid(names, steps, cells, width))
+    i2v = results.get("i2v")
+    if i2v:
+        for mode in I2V_PROMPTS:
+            for metric in I2V_METRICS:
+                lines.append("")
+                lines.append(f"image-to-video ({mode}) {metric}: {I2V_INFO[metric]}; N={results['num_samples']}")
+                if metric == "motion_confidence":
+                    lines.append(f"  (real videos: {i2v['real_motion_confidence']:.3f})")
+                table = i2v["metrics"][mode][metric]
+                cells = [[_fmt(table[n].get(s), "accuracy" if metric != "fd" else metric) for s in steps]
+                         for n in table]
+                lines.extend(_grid(list(table), steps, cells, width))
     return "\n".join(lines)
 
 
@@ -474,24 +555,34 @@ def aggregate(runs: Mapping[Any, Mapping[str, Any]]) -> dict:
     for seed, r in runs.items():
         if list(r["models"]) != list(first["models"]) or list(r["steps"]) != list(first["steps"]):
             raise EvalError(f"seed {seed}: the evaluation has other models or step counts than the first")
-    metrics: dict = {m: {name: {} for name in first["models"]} for m in METRICS}
-    for m in METRICS:
-        for name in first["models"]:
+    def spread(tables, names):
+        out: dict = {name: {} for name in names}
+        for name in names:
             for s in first["steps"]:
-                vals = [r["metrics"][m][name].get(str(s)) for r in runs.values()]
+                vals = [t[name].get(str(s)) for t in tables]
                 vals = [float(v) for v in vals if v is not None]
                 if not vals:
-                    metrics[m][name][str(s)] = None
+                    out[name][str(s)] = None
                     continue
                 a = np.asarray(vals, np.float64)
-                metrics[m][name][str(s)] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-                                            "min": float(a.min()), "max": float(a.max()), "n": int(a.size),
-                                            "values": vals}
+                out[name][str(s)] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+                                     "min": float(a.min()), "max": float(a.max()), "n": int(a.size), "values": vals}
+        return out
+
+    metrics = {m: spread([r["metrics"][m] for r in runs.values()], first["models"]) for m in METRICS}
     base = {k: float(np.mean([r.get("real_baseline", {}).get(k, np.nan) for r in runs.values()]))
             for k in first.get("real_baseline", {})}
-    return {"format": FORMAT, "aggregate": True, "seeds": list(runs), "models": first["models"],
-            "steps": first["steps"], "num_samples": first["num_samples"], "metric_info": METRIC_INFO,
-            "real_baseline": base, "metrics": metrics}
+    out = {"format": FORMAT, "aggregate": True, "seeds": list(runs), "models": first["models"],
+           "steps": first["steps"], "num_samples": first["num_samples"], "metric_info": METRIC_INFO,
+           "real_baseline": base, "metrics": metrics}
+    if all("i2v" in r for r in runs.values()):  # the causal models' image-to-video scores
+        i2v = [r["i2v"] for r in runs.values()]
+        out["i2v"] = {"protocol": i2v[0]["protocol"], "metric_info": I2V_INFO,
+                      "real_motion_confidence": float(np.mean([x["real_motion_confidence"] for x in i2v])),
+                      "metrics": {mode: {m: spread([x["metrics"][mode][m] for x in i2v],
+                                                   list(i2v[0]["metrics"][mode][m]))
+                                         for m in I2V_METRICS} for mode in I2V_PROMPTS}}
+    return out
 
 
 def format_aggregate(agg: Mapping[str, Any]) -> str:
@@ -506,6 +597,17 @@ def format_aggregate(agg: Mapping[str, Any]) -> str:
         cells = [[(f"{_fmt(c['mean'], metric)} ± {_fmt(c['std'], metric)}" if c else _fmt(None, metric))
                   for c in (agg["metrics"][metric][n].get(s) for s in steps)] for n in names]
         lines.extend(_grid(names, steps, cells, width))
+    i2v = agg.get("i2v")
+    if i2v:
+        for mode in I2V_PROMPTS:
+            for metric in I2V_METRICS:
+                fmt = "accuracy" if metric != "fd" else metric
+                lines.append("")
+                lines.append(f"image-to-video ({mode}) {metric}: {I2V_INFO[metric]}; N={agg['num_samples']} per seed")
+                table = i2v["metrics"][mode][metric]
+                cells = [[(f"{_fmt(c['mean'], fmt)} ± {_fmt(c['std'], fmt)}" if c else _fmt(None, fmt))
+                          for c in (table[n].get(s) for s in steps)] for n in table]
+                lines.extend(_grid(list(table), steps, cells, width))
     return "\n".join(lines)
 
 

@@ -388,14 +388,20 @@ def analytic_flops(run, batch, *, remat: bool = False, programs: Sequence[str] =
     return out
 
 
-def kernel_flops(run, batch, *, programs: Sequence[str] = ("generator", "critic")) -> dict[str, float]:
+def kernel_flops(run, batch, *, programs: Sequence[str] = ("generator", "critic"),
+                 executed: dict[str, float] | None = None) -> dict[str, float]:
     """FLOPs (all chips) of each step's matmuls inside Pallas kernels (splash attention), which
     XLA's cost analysis counts as zero: the step's count with ``attention_impl='xla'`` minus its
     count as configured with the kernels left out, both with the config's remat (the forward of
-    a rematerialised kernel counts twice). Zero when the config uses no kernel."""
+    a rematerialised kernel counts twice). Zero when the config uses no kernel. ``executed``:
+    ``analytic_flops(run, batch, remat=True)`` when the caller has it (saves one trace per step)."""
     if "splash" not in {run.spec.student.attention_impl, getattr(run.spec.teacher, "attention_impl", None)}:
         return {k: 0.0 for k in programs if k == "generator" or (k == "critic" and run.record.has_critic)}
-    xla = analytic_flops(run, batch, remat=True, programs=programs)
+    xla = dict(executed or {})
+    missing = tuple(k for k in programs if k not in xla)
+    if missing:
+        xla.update(analytic_flops(run, batch, remat=True, programs=missing))
+    xla = {k: v for k, v in xla.items() if k in programs}
     own = analytic_flops(run, batch, remat=True, programs=programs, attention=None, kernels=False)
     return {k: xla[k] - own[k] for k in xla}
 

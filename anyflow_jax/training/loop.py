@@ -438,6 +438,17 @@ class RunLayout:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def _step_spec(cfg, record, student, teacher, tx, critic_tx, mask, critic_mask, *, lora: bool = False):
+    """The steps' static description (:class:`steps.StepSpec`), the same for full and LoRA runs but
+    for what ``tx`` / ``mask`` cover (full parameters or adapter factors)."""
+    return steps.StepSpec(
+        stage=record, student=student, teacher=teacher, loss_options=cfg.loss,
+        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
+        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
+        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
+        critic_update_ratio=cfg.train.critic_update_ratio, lora=lora)
+
+
 def derive_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
     """The step spec and shardings of ``cfg``'s stage for ``nets`` on ``mesh`` (fails when the
     parameters would mostly be replicated, see :func:`_check_unsharded`). With LoRA the trained
@@ -454,12 +465,7 @@ def derive_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
     if record.has_critic:
         critic_mask = optim.trainable_mask(_unboxed_abstract(teacher), list(cfg.critic_optim.trainable_patterns))
         critic_tx = optim.make_optimizer(**cfg.critic_optim.optimizer_kwargs(), mask=critic_mask)
-    spec = steps.StepSpec(
-        stage=record, student=student, teacher=teacher, loss_options=cfg.loss,
-        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
-        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
-        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
-        critic_update_ratio=cfg.train.critic_update_ratio)
+    spec = _step_spec(cfg, record, student, teacher, tx, critic_tx, mask, critic_mask)
 
     rep = parallel.replicated(mesh)
     p_sh = parallel.param_shardings(run_files.boxed_abstract_params(student), mesh, rules)
@@ -500,12 +506,7 @@ def _derive_lora_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
         critic_mask = _trainable_mask(critic_adapters, cfg.critic_optim.trainable_patterns,
                                       "config.critic_optim.trainable_patterns")
         critic_tx = optim.make_optimizer(**cfg.critic_optim.optimizer_kwargs(), mask=critic_mask)
-    spec = steps.StepSpec(
-        stage=record, student=student, teacher=teacher, loss_options=cfg.loss,
-        critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
-        ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
-        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
-        critic_update_ratio=cfg.train.critic_update_ratio, lora=True)
+    spec = _step_spec(cfg, record, student, teacher, tx, critic_tx, mask, critic_mask, lora=True)
 
     rep = parallel.replicated(mesh)
     base_sh = parallel.param_shardings(run_files.boxed_abstract_params(student), mesh, rules)
