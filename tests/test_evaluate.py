@@ -14,7 +14,7 @@ from anyflow_jax import evaluate as ev
 from anyflow_jax.evaluation import classifier as clf_lib
 from anyflow_jax.evaluation import harness as ev_harness
 from anyflow_jax.inference import initial_noise
-from anyflow_jax.evaluation.metrics import conditional_accuracy, frechet_distance, ode_distance
+from anyflow_jax.evaluation.metrics import conditional_accuracy, first_step_shift, frechet_distance, ode_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE4 = (4, 16, 16, 1)  # the tiny runs' video shape (frames 4)
@@ -105,6 +105,17 @@ def test_ode_distance_is_the_mean_of_per_sample_rms():
     assert ode_distance(ref, ref) == 0.0
     with pytest.raises(ValueError, match="shape"):
         ode_distance(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_first_step_shift_measures_how_far_frame_0_moves():
+    v = np.full((2, 3, 8, 8, 1), -1.0)
+    v[0, 0, 1, 1] = v[0, 1, 4, 5] = 1.0        # a bright pixel moves by (3, 4): 5 pixels
+    v[1, 0, 2:4, 2:4] = v[1, 1, 2:4, 2:4] = 0.0  # a still blob: 0
+    assert first_step_shift(v) == pytest.approx(2.5)
+    v[1, 1] = -1.0  # an empty frame 1 counts as the canvas centre (3.5, 3.5); the blob is at (2.5, 2.5)
+    assert first_step_shift(v) == pytest.approx((5.0 + np.hypot(1.0, 1.0)) / 2)
+    with pytest.raises(ValueError, match="F >= 2"):
+        first_step_shift(v[:, :1])
 
 
 def test_motion_bayes_accuracy_counts_indistinguishable_videos():
@@ -294,7 +305,10 @@ def test_a_causal_model_gets_image_to_video_scores(evaluated, tiny_runs, tiny_fa
         conf = np.exp(p["motion_logits"] - p["motion_logits"].max(-1, keepdims=True))
         conf = (conf / conf.sum(-1, keepdims=True)).max(-1).mean()
         assert m["motion_confidence"]["far"]["1"] == pytest.approx(float(conf), rel=1e-5)
+        assert m["first_step_shift"]["far"]["1"] == pytest.approx(first_step_shift(x), rel=1e-5)
     assert 0 < i2v["real_motion_confidence"] <= 1
+    # real digits move 1-2 pixels a frame; frame 1 of another video is much further away
+    assert 1.0 <= i2v["real_first_step_shift"] <= 2.9 < i2v["shift_unrelated"]
     table_text = ev.format_table(res)
     assert "image-to-video (prompted) digit_kept" in table_text and "image-to-video (unprompted) fd" in table_text
 

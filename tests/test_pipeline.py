@@ -95,7 +95,8 @@ def test_aggregate_over_seeds(tmp_path):
     runs = {}
     for seed, kept in ((0, 0.4), (1, 0.6)):
         r = res(100.0, 0.5)
-        r["i2v"] = {"protocol": "p", "real_motion_confidence": 0.8 + seed / 10, "metrics": {
+        r["i2v"] = {"protocol": "p", "real_motion_confidence": 0.8 + seed / 10, "real_first_step_shift": 1.7,
+                    "shift_unrelated": 4.0, "metrics": {
             mode: {m: {"far": {"1": kept, "4": kept / 2}} for m in harness.I2V_METRICS} for mode in harness.I2V_PROMPTS}}
         runs[seed] = r
     agg = harness.aggregate(runs)

@@ -433,13 +433,16 @@ def _evaluate(models, steps, num_samples, out, *, reference_teacher, reference_s
 
 # ------------------------------------------------------------------------------ image-to-video
 I2V_PROMPTS = ("prompted", "unprompted")
-I2V_METRICS = ("digit_kept", "fd", "motion_confidence")
+I2V_METRICS = ("digit_kept", "fd", "motion_confidence", "first_step_shift")
 I2V_INFO = {
     "digit_kept": "the classifier's digit of the continuation == the digit of the real video whose first frame "
                   "was given (higher is better)",
     "fd": "Frechet distance of the continuations to the real held-out videos (lower is better)",
     "motion_confidence": "mean top probability of the classifier's motion head: one clear direction of motion "
                          "(real videos: real_motion_confidence)",
+    "first_step_shift": "mean distance (pixels) between the intensity centroids of the given frame 0 and the "
+                        "generated frame 1: continuity (real videos: real_first_step_shift; a continuation that "
+                        "ignores frame 0: about shift_unrelated)",
 }
 
 
@@ -453,9 +456,12 @@ def _image_to_video(gens, clf, steps, noise, real, real_digits, real_feats, tabl
     first = real[:, :1]
     labels = np.asarray(real_digits)
     real_conf = float(np.mean(_softmax(clf.predict(real)["motion_logits"]).max(-1)))
+    # frame 1 of another real video after this one's frame 0: what ignoring the given frame scores
+    unrelated = M.first_step_shift(np.concatenate([real[:, :1], np.roll(real[:, 1:2], 1, axis=0)], axis=1))
     out: dict = {"protocol": "continue frame 0 of real held-out video i (the FD set), noise as text-to-video; "
                              "prompted: the prompt of its digit; unprompted: the negative (null) prompt",
-                 "metric_info": I2V_INFO, "real_motion_confidence": real_conf, "metrics": {}}
+                 "metric_info": I2V_INFO, "real_motion_confidence": real_conf,
+                 "real_first_step_shift": M.first_step_shift(real), "shift_unrelated": unrelated, "metrics": {}}
     for mode in I2V_PROMPTS:
         mtable = table if mode == "prompted" else np.broadcast_to(neg, (table.shape[0],) + neg.shape[1:])
         cells = out["metrics"][mode] = {m: {name: {} for name in gens} for m in I2V_METRICS}
@@ -475,6 +481,7 @@ def _image_to_video(gens, clf, steps, noise, real, real_digits, real_feats, tabl
                 cells["digit_kept"][name][str(n)] = M.conditional_accuracy(pred["digit_logits"], labels)
                 cells["fd"][name][str(n)] = M.frechet_distance(pred["features"], real_feats)
                 cells["motion_confidence"][name][str(n)] = float(np.mean(_softmax(pred["motion_logits"]).max(-1)))
+                cells["first_step_shift"][name][str(n)] = M.first_step_shift(x)
     return out
 
 
@@ -536,6 +543,9 @@ def format_table(results: Mapping[str, Any]) -> str:
                 lines.append(f"image-to-video ({mode}) {metric}: {I2V_INFO[metric]}; N={results['num_samples']}")
                 if metric == "motion_confidence":
                     lines.append(f"  (real videos: {i2v['real_motion_confidence']:.3f})")
+                if metric == "first_step_shift":
+                    lines.append(f"  (real videos: {i2v['real_first_step_shift']:.3f}; frame 1 of another video: "
+                                 f"{i2v['shift_unrelated']:.3f})")
                 table = i2v["metrics"][mode][metric]
                 cells = [[_fmt(table[n].get(s), "accuracy" if metric != "fd" else metric) for s in steps]
                          for n in table]
@@ -578,7 +588,8 @@ def aggregate(runs: Mapping[Any, Mapping[str, Any]]) -> dict:
     if all("i2v" in r for r in runs.values()):  # the causal models' image-to-video scores
         i2v = [r["i2v"] for r in runs.values()]
         out["i2v"] = {"protocol": i2v[0]["protocol"], "metric_info": I2V_INFO,
-                      "real_motion_confidence": float(np.mean([x["real_motion_confidence"] for x in i2v])),
+                      **{k: float(np.mean([x[k] for x in i2v]))
+                         for k in ("real_motion_confidence", "real_first_step_shift", "shift_unrelated")},
                       "metrics": {mode: {m: spread([x["metrics"][mode][m] for x in i2v],
                                                    list(i2v[0]["metrics"][mode][m]))
                                          for m in I2V_METRICS} for mode in I2V_PROMPTS}}

@@ -4,12 +4,15 @@
   (FID's formula, here in the feature space of :mod:`~anyflow_jax.evaluation.classifier`).
 * :func:`conditional_accuracy` - the fraction of predictions equal to the requested labels.
 * :func:`ode_distance` - the mean over samples of each sample's RMS difference to its reference.
+* :func:`first_step_shift` - how far (pixels) the content moves from frame 0 to frame 1, on
+  average: the continuity of an image-to-video continuation.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["frechet_distance", "conditional_accuracy", "ode_distance", "gaussian_stats", "frechet_from_stats"]
+__all__ = ["frechet_distance", "conditional_accuracy", "ode_distance", "gaussian_stats", "frechet_from_stats",
+           "intensity_centroids", "first_step_shift"]
 
 
 def gaussian_stats(feats) -> tuple[np.ndarray, np.ndarray]:
@@ -98,3 +101,29 @@ def ode_distance(samples, reference) -> float:
         raise ValueError("need at least one sample")
     d = (a - b).reshape(a.shape[0], -1)
     return float(np.mean(np.sqrt(np.mean(d * d, axis=1))))
+
+
+def intensity_centroids(frames, background: float = -1.0) -> np.ndarray:
+    """``(N, 2)`` (row, col) centroids of frames ``(N, H, W, C)`` weighted by their intensity above
+    ``background`` (moving digits: values in [-1, 1], background -1; channels summed, values below
+    the background count 0). An empty frame has the centre of the canvas."""
+    f = np.asarray(frames, np.float64)
+    if f.ndim != 4:
+        raise ValueError(f"frames must be (N, H, W, C), got shape {f.shape}")
+    w = np.clip(f - background, 0.0, None).sum(-1)
+    total = w.sum((1, 2))
+    rows, cols = np.mgrid[:f.shape[1], :f.shape[2]]
+    centre = np.array([(f.shape[1] - 1) / 2, (f.shape[2] - 1) / 2])
+    out = np.stack([(w * rows).sum((1, 2)), (w * cols).sum((1, 2))], -1) / np.maximum(total, 1e-12)[:, None]
+    return np.where(total[:, None] > 0, out, centre)
+
+
+def first_step_shift(videos, background: float = -1.0) -> float:
+    """Mean over videos ``(N, F, H, W, C)`` of the distance (pixels) between the intensity
+    centroids of frame 0 and frame 1. Real moving digits move 1-2 pixels per frame; a
+    continuation that ignores its given frame 0 lands anywhere on the canvas."""
+    v = np.asarray(videos, np.float64)
+    if v.ndim != 5 or v.shape[1] < 2:
+        raise ValueError(f"videos must be (N, F >= 2, H, W, C), got shape {v.shape}")
+    d = intensity_centroids(v[:, 1], background) - intensity_centroids(v[:, 0], background)
+    return float(np.mean(np.linalg.norm(d, axis=-1)))
