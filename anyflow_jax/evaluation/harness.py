@@ -15,6 +15,13 @@ For every model and step count it generates ``N`` videos and measures:
   difference (``metrics.ode_distance``). Lower means closer to the teacher's ODE; for
   distribution quality read ``fd`` and ``accuracy``.
 
+A causal (FAR) model also gets image-to-video rows (``results["i2v"]``): it continues frame 0
+of the real held-out video ``i`` (the FD set) from the same noise, prompted with that video's
+digit and with the null (negative) prompt, scored as ``digit_kept`` (the classifier's digit ==
+the source video's), ``fd``, ``motion_confidence`` (the motion head's mean top probability) and
+``first_step_shift`` (pixels from the given frame 0 to the generated frame 1); see
+:data:`I2V_INFO`.
+
 Protocol. Sample ``i`` asks for class ``i % 10`` (balanced classes) and starts from noise that
 is a function of ``(seed, i)`` only (``inference.initial_noise``, the same construction as
 ``anyflow_jax.sample``), so it is the same for every model and step count. Each model uses its
