@@ -107,6 +107,8 @@ def compile_slice(config, topology: str, *, sampler: bool = True, quiet: bool = 
     steps = _SAMPLER_STEPS.value if sampler else 0
     if _TRAIN.value:
         t0 = time.perf_counter()
+        say(f"compiling the {run.record.name} step" + (" and the critic step" if run.record.has_critic else "")
+            + " (minutes for a Wan-size model on a CPU host) ...", flush=True)
         try:
             compiled = aot.compile_train(run, batch)
         except ValueError as e:  # the objective rejects the batch (e.g. too few examples for its split)
