@@ -179,3 +179,26 @@ def test_sample_cli_tasks_of_a_far_checkpoint(tmp_path, capsys):
     save_transformer(str(tmp_path / "wan"), wan, wan_params)
     assert "need a FAR (chunk-causal) checkpoint" in error(
         ["--checkpoint", str(tmp_path / "wan")] + base[2:] + ["--task", "t2v"])
+
+
+def test_causal_sampling_on_a_mesh_matches_one_device():
+    """Image-to-video with the parameters sharded (FSDP and tensor axes of the logical rules) and
+    the batch split over the data and fsdp axes of a (2, 2, 2) mesh of fake CPU devices gives the
+    single-device video, with the output sharded over the batch."""
+    from anyflow_jax import parallel
+    model, params = _net()
+    rng = np.random.RandomState(5)
+    noise = rng.randn(4, F, H, W, 4).astype(np.float32)  # 4 = data x fsdp: one video per shard
+    ctx = rng.randn(4, 3, 8).astype(np.float32)
+    first = rng.randn(4, 1, H, W, 4).astype(np.float32)
+    want = np.asarray(causal_sample(model, params, noise, ctx, num_steps=2, context_latents=first))
+    mesh = parallel.make_mesh(2, 2, 2)
+    shardings = parallel.param_shardings(model.abstract_params(), mesh)
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings))  # really sharded
+    with jax.set_mesh(mesh):
+        sharded = parallel.shard_params(params, shardings)
+        put = lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim))  # noqa: E731
+        got = causal_sample(model, sharded, put(noise), put(ctx), num_steps=2, context_latents=put(first))
+    assert len(got.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(got)[:, :1], first)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
