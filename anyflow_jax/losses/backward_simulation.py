@@ -49,6 +49,25 @@ def draw_steps(key: jax.Array, steps_list: Sequence[int] = DEFAULT_STEPS_LIST) -
     return n, k
 
 
+def resolve_steps(key, steps, num_steps=None, grad_step=None) -> tuple[jax.Array, jax.Array]:
+    """The rollout's ``(N, k)`` as int32 arrays: drawn from ``key`` over ``steps`` (a checked
+    steps list) unless forced; a forced ``N`` without ``k`` draws ``k`` uniform in [0, N).
+    Concrete values are checked (``0 <= k < N``)."""
+    if (num_steps is None or grad_step is None) and key is None:
+        raise ValueError("key is required unless num_steps and grad_step are both given")
+    if num_steps is None:
+        n, drawn_k = draw_steps(key, steps)
+        k = drawn_k if grad_step is None else grad_step
+    else:
+        n, k = num_steps, grad_step
+        if k is None:
+            k = jax.random.randint(key, (), 0, jnp.asarray(num_steps, jnp.int32))
+    schedule._check_num_steps(n, "num_steps")
+    if is_concrete_int(n) and is_concrete_int(k) and not 0 <= int(k) < int(n):
+        raise ValueError(f"grad_step must be in [0, num_steps), got grad_step={k!r}, num_steps={n!r}")
+    return jnp.asarray(n, jnp.int32), jnp.asarray(k, jnp.int32)
+
+
 def backward_simulation(
     apply_fn: C.ApplyFn,
     params: Any,
@@ -82,21 +101,7 @@ def backward_simulation(
     if not isinstance(stop_prefix_grad, bool):
         raise ValueError(f"stop_prefix_grad must be a bool, got {stop_prefix_grad!r}")
 
-    if (num_steps is None or grad_step is None) and key is None:
-        raise ValueError("key is required unless num_steps and grad_step are both given")
-    if num_steps is None:
-        n, drawn_k = draw_steps(key, steps)
-        k = drawn_k if grad_step is None else grad_step
-    else:
-        n = num_steps
-        k = grad_step
-        if k is None:
-            k = jax.random.randint(key, (), 0, jnp.asarray(num_steps, jnp.int32))
-    schedule._check_num_steps(n, "num_steps")
-    if is_concrete_int(n) and is_concrete_int(k) and not 0 <= int(k) < int(n):
-        raise ValueError(f"grad_step must be in [0, num_steps), got grad_step={k!r}, num_steps={n!r}")
-    n = jnp.asarray(n, jnp.int32)
-    k = jnp.asarray(k, jnp.int32)
+    n, k = resolve_steps(key, steps, num_steps, grad_step)
 
     t_k = schedule.grid_time(k, n, shift)
     t_k1 = schedule.grid_time(k + 1, n, shift)

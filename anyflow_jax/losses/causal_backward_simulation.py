@@ -38,7 +38,7 @@ import numpy as np
 from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
 from anyflow_jax.losses.backward_simulation import (
-    DEFAULT_STEPS_LIST, backward_simulation, check_steps_list, draw_steps, is_concrete_int)
+    DEFAULT_STEPS_LIST, backward_simulation, check_steps_list, resolve_steps)
 
 EncodeFn = Callable[[Any, jax.Array, Any], Any]
 """``encode(params, frames, context) -> cache`` (module docstring)."""
@@ -102,20 +102,7 @@ def causal_backward_simulation(
         raise ValueError(f"stop_prefix_grad must be a bool, got {stop_prefix_grad!r}")
 
     # one (N, k) for the whole video, as the reference's rollout (the same for every chunk)
-    if (num_steps is None or grad_step is None) and key is None:
-        raise ValueError("key is required unless num_steps and grad_step are both given")
-    if num_steps is None:
-        n, drawn_k = draw_steps(key, steps)
-        k = drawn_k if grad_step is None else grad_step
-    else:
-        n, k = num_steps, grad_step
-        if k is None:
-            k = jax.random.randint(key, (), 0, jnp.asarray(num_steps, jnp.int32))
-    schedule._check_num_steps(n, "num_steps")
-    if is_concrete_int(n) and is_concrete_int(k) and not 0 <= int(k) < int(n):
-        raise ValueError(f"grad_step must be in [0, num_steps), got grad_step={k!r}, num_steps={n!r}")
-    n = jnp.asarray(n, jnp.int32)
-    k = jnp.asarray(k, jnp.int32)
+    n, k = resolve_steps(key, steps, num_steps, grad_step)
 
     def chunk_rollout(p, prev, z, ctx, n_, k_):
         # the cache of the student's own earlier chunks, detached (no gradient into the context
