@@ -209,7 +209,8 @@ def _causal_flow_map_objective(nets, batch, key, options):
 def far_student_fns(apply, model) -> "losses.CausalStudent":
     """The FAR student's paths as the functions the causal losses take: the cache encoding at
     t = r = 0 (``empty_cache`` before the first chunk), the cached chunk, the teacher-forced
-    training forward and the bidirectional path, all of ``apply``'s parameters."""
+    training forward, the bidirectional path and the scanned layout's encoding and chunk, all
+    of ``apply``'s parameters."""
     def encode(p, frames, c):
         b, f, h, w, _ = frames.shape
         if f == 0:
@@ -225,7 +226,14 @@ def far_student_fns(apply, model) -> "losses.CausalStudent":
 
     def bidirectional(p, z, t, r, c):
         return apply(p, z, t, r, c, causal=False)
-    return losses.CausalStudent(encode, chunk_apply, causal, bidirectional)
+
+    def encode_at(p, video, index, c):  # the scanned layout (a lax.scan over chunks)
+        zeros = jnp.zeros(video.shape[:2], jnp.float32)
+        return apply(p, video, zeros, zeros, c, encode_cache=True, chunk_index=index)
+
+    def chunk_apply_at(p, z, t, r, c, cache):
+        return apply(p, z, t, r, c, kv_cache=cache)
+    return losses.CausalStudent(encode, chunk_apply, causal, bidirectional, encode_at, chunk_apply_at)
 
 
 def _far_student_model(nets):
@@ -457,14 +465,16 @@ register(Stage(
 # adapters). The teacher (real score) and critic are bidirectional networks.
 REFERENCE_FAR_ON_POLICY_LOSS = dict(
     steps_list=[2, 4, 8, 16, 50], shift=5.0, stop_prefix_grad=False, real_guidance_scale=3.0, dmd_weight=1.0,
-    cotrain_forward=True, flow_map_options=dict(REFERENCE_FAR_FLOW_MAP_LOSS, bidirectional_prob=0.0))
+    cotrain_forward=True, flow_map_options=dict(REFERENCE_FAR_FLOW_MAP_LOSS, bidirectional_prob=0.0),
+    # ours: the chunk loop as a lax.scan over chunks ("unrolled": the reference's per-chunk layouts)
+    chunk_loop="scan")
 
 register(Stage(
     name="far_on_policy", objective=_causal_onpolicy_objective, loss_fn=losses.causal_onpolicy_generator_loss,
     critic_objective=_causal_onpolicy_critic_objective, critic_loss_fn=losses.causal_onpolicy_critic_loss,
     sampler="causal_flow_map", eval_name="anyflow_far", student_is_flow_map=True, student_is_far=True,
     needs_teacher=True, starts_from={"student": "far_flow_map", "teacher": "teacher"},
-    loss_defaults=REFERENCE_FAR_ON_POLICY_LOSS, critic_loss_defaults=dict(steps_list=[2, 4, 8, 16, 50], shift=5.0),
+    loss_defaults=REFERENCE_FAR_ON_POLICY_LOSS, critic_loss_defaults=dict(steps_list=[2, 4, 8, 16, 50], shift=5.0, chunk_loop="scan"),
     config_defaults=dict(STAGES["on_policy"].config_defaults),
     # not in the toy pipeline's default stages: `python -m anyflow_jax.pipeline --causal` adds the pair
     toy_pipeline=False,

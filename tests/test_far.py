@@ -272,6 +272,51 @@ def test_kv_cache_forward_equals_the_full_chunk_causal_forward():
         model.apply({"params": params}, x, t, r, ctx, encode_cache=True)
 
 
+@pytest.mark.parametrize("full_chunk_limit", [2, 1])
+def test_scanned_layout_equals_the_static_cache_for_every_chunk_index(full_chunk_limit):
+    """The scanned layout (one program, the chunk index traced: fixed-size compressed region and
+    window slots, the chunk padded to the largest chunk) gives every chunk the velocity of the
+    static per-chunk cache path (a relative ~1e-7 from summation order). Padding frames and the
+    frames from chunk c on are filled with junk that must not leak in. full_chunk_limit 1: no
+    window, every earlier chunk compressed."""
+    model, params = _net(full_chunk_limit=full_chunk_limit)
+    rng = np.random.RandomState(7)
+    s, bounds = 2, (0, 1, 3, 5, 6)
+    video = rng.randn(B, 6, H, W, 4).astype(np.float32)
+    ctx = rng.randn(B, 3, 8).astype(np.float32)
+    encode_at = jax.jit(lambda p, v, c: model.apply({"params": p}, v, jnp.zeros(v.shape[:2]), jnp.zeros(v.shape[:2]),
+                                                    ctx, encode_cache=True, chunk_index=c))
+    chunk_at = jax.jit(lambda p, z, t, r, cache: model.apply({"params": p}, z, t, r, ctx, kv_cache=cache))
+    static_chunk = jax.jit(lambda p, z, t, r, cache: model.apply({"params": p}, z, t, r, ctx, kv_cache=cache))
+    for c in range(4):
+        a, b = bounds[c], bounds[c + 1]
+        junk = video.copy()
+        junk[:, a:] = 50.0 * rng.randn(B, 6 - a, H, W, 4)  # not generated yet: must be ignored
+        buf = np.concatenate([junk, 50.0 * rng.randn(B, s, H, W, 4).astype(np.float32)], axis=1)
+        z = 50.0 * rng.randn(B, s, H, W, 4).astype(np.float32)  # padding frames past the chunk: junk
+        z[:, :b - a] = video[:, a:b]
+        t = np.full((B, s), 0.6, np.float32)
+        cache = encode_at(params, buf, jnp.int32(c))
+        assert int(cache.chunk_index) == c
+        got = np.asarray(chunk_at(params, z, t, 0.5 * t, cache))[:, :b - a]
+        if c == 0:
+            ref_cache = model.empty_cache(B, H, W)
+        else:
+            zeros = np.zeros((B, a), np.float32)
+            ref_cache = model.apply({"params": params}, video[:, :a], zeros, zeros, ctx, encode_cache=True)
+        want = np.asarray(static_chunk(params, video[:, a:b], t[:, :b - a], 0.5 * t[:, :b - a], ref_cache))
+        assert np.abs(want).max() > 0.1
+        np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max(), rtol=0)
+    # one layout: the compressed region holds the chunks that can ever be compressed, the window
+    # full_chunk_limit - 1 slots of the largest chunk
+    n_comp_frames = 5 if full_chunk_limit == 1 else 3
+    assert cache.compressed_k.shape == (2, B, n_comp_frames * 2, 2, 8)
+    assert cache.window_k.shape == (2, B, (full_chunk_limit - 1) * s * 8, 2, 8)
+    assert encode_at._cache_size() == 1 and chunk_at._cache_size() == 1
+    with pytest.raises(ValueError, match="padded"):
+        model.apply({"params": params}, z[:, :1], t[:, :1], t[:, :1], ctx, kv_cache=cache)
+
+
 def test_bidirectional_path_is_the_wan_dit_where_the_rope_splits_agree():
     """At head dim 12 the FAR class's RoPE split is diffusers' (4:4:4 real dims), so the
     bidirectional path of a FAR network made from a Wan DiT (make_far_model: the reference's

@@ -1,7 +1,8 @@
 """Causal stage 2 (the ``far_on_policy`` stage; losses/causal_backward_simulation.py,
 losses/causal_onpolicy.py, docs/far.md): the chunk-by-chunk rollout against a recompute written
 out here through the full chunk-causal training forward (forced N and k, one compiled program for
-all of them), no gradient into earlier chunks through the cache, the record and toy config, and
+all of them; the default, scanned chunk loop), the scanned loop against the unrolled one (value
+and gradient), no gradient into earlier chunks through the cache, the record and toy config, and
 the trainer: two steps from a tiny ``far_flow_map`` workdir. A tiny FAR network (2 layers, 2
 heads of 8, 4x8 latents, chunks [1, 2, 1], full_chunk_limit 2: the last chunk sees chunk 0 as
 compressed context in its cache)."""
@@ -124,6 +125,45 @@ def test_no_gradient_into_earlier_chunks_through_the_cache():
         # ... and the last chunk sees them only through the stop-gradient cache: d(chunk 2) /
         # d(noise of chunks 0, 1) = 0, so no gradient from a loss on chunk 2 reaches them
         assert np.all(d_video[:, 3:] == 0.0)
+
+
+@pytest.mark.slow  # two backward programs (~25 s); the quick loop checks the scanned loop against the recompute
+def test_scanned_chunk_loop_equals_the_unrolled_loop_in_value_and_gradient():
+    """The default chunk loop (a lax.scan over the chunk index in the network's scanned layout)
+    against the unrolled Python loop of per-chunk static layouts: the same video and the same
+    parameter gradient, with the scanned loop tracing the cache encoding once for all chunks."""
+    model, params, noise, ctx = _net()
+    fns = stage_registry.far_student_fns(make_apply_fn(model), model)
+    calls = {"scan": 0, "unrolled": 0}
+    weight = jnp.asarray(np.random.RandomState(2).randn(*noise.shape).astype(np.float32))
+
+    def loss(p, loop):
+        def counted(*a):
+            calls[loop] += 1
+            return (fns.encode_at if loop == "scan" else fns.encode)(*a)
+        video, _ = causal_backward_simulation(
+            fns.encode if loop == "scan" else counted, fns.chunk_apply, p, {"noise": noise, "context": ctx},
+            chunk_partition=model.chunk_partition, shift=SHIFT, num_steps=4, grad_step=1, chunk_loop=loop,
+            encode_at=counted if loop == "scan" else fns.encode_at, chunk_apply_at=fns.chunk_apply_at)
+        return jnp.sum(video * weight), video
+
+    out = {loop: jax.jit(jax.value_and_grad(functools.partial(loss, loop=loop), has_aux=True))(params)
+           for loop in ("scan", "unrolled")}
+    (_, v_scan), g_scan = out["scan"]
+    (_, v_unr), g_unr = out["unrolled"]
+    np.testing.assert_allclose(np.asarray(v_scan), np.asarray(v_unr), atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_unr)):
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * max(scale, 1.0), rtol=0)
+    assert max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g_scan)) > 1e-3
+    # one scan body for every chunk: the encoding is traced once; unrolled, once per chunk
+    # (chunk 0 runs on the empty cache, which the unrolled loop also asks encode for)
+    assert calls["scan"] == 1 and calls["unrolled"] == 3
+    with pytest.raises(ValueError, match="chunk_loop must be one of"):
+        loss(params, "python")
+    with pytest.raises(ValueError, match="needs the student's scanned-layout functions"):
+        causal_backward_simulation(fns.encode, fns.chunk_apply, params, {"noise": noise, "context": ctx},
+                                   chunk_partition=model.chunk_partition, num_steps=2, grad_step=0, chunk_loop="scan")
 
 
 def test_stage_record_and_toy_config():

@@ -104,6 +104,30 @@ def test_chunk_causal_mask_matches_xla():
     assert not np.allclose(out[:, 75:], out2[:, 75:])
 
 
+def test_dynamic_key_validity_matches_xla_and_dropping_the_keys():
+    # kv_valid (a traced boolean per key: the scanned FAR loop's cache padding) as splash segment
+    # ids, with and without a static mask, against xla; and xla against attention over the kept
+    # keys only
+    q, k, v, w = _qkv(1, 200, 300, 2, seed=5)
+    keep = np.ones(300, bool)
+    keep[40:100] = False
+    keep[250:] = False
+    out = jax.jit(lambda q, k, v, m: dot_product_attention(q, k, v, kv_valid=m))(q, k, v, jnp.asarray(keep))
+    ref = dot_product_attention(q, k[:, keep], v[:, keep])
+    np.testing.assert_allclose(out, ref, **TOL)
+    mask = ChunkCausalMask(q_bounds=(60, 200), kv_bounds=(150, 300))
+    for m in (None, mask):
+        out, grads = _value_and_grads("splash", q, k, v, w, mask=m, interpret=True, block_sizes=_block128(),
+                                      kv_valid=jnp.asarray(keep))
+        ref_out, ref_grads = _value_and_grads("xla", q, k, v, w, mask=m, kv_valid=jnp.asarray(keep))
+        np.testing.assert_allclose(out, ref_out, **TOL)
+        for name, g, r in zip("qkv", grads, ref_grads):
+            np.testing.assert_allclose(g, r, err_msg=f"d{name}", **TOL)
+        assert np.all(np.asarray(grads[1])[:, ~keep] == 0.0)  # masked keys get no gradient
+    with pytest.raises(ValueError, match="kv_valid must be a boolean"):
+        dot_product_attention(q, k, v, kv_valid=jnp.ones(299, bool))
+
+
 def test_chunk_causal_mask_dense_and_validation():
     mask = ChunkCausalMask.uniform(6, 2, kv_len=3, kv_chunk=1)
     expected = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]], bool)

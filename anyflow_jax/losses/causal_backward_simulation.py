@@ -22,10 +22,27 @@ For each chunk ``c`` of ``chunk_partition`` (text-to-video: every chunk is gener
    **same** N and k for every chunk (one draw per call, traced);
 3. the result is the chunk's part of the video; gradients flow through its <= 3 transitions.
 
-The chunk loop is a Python loop inside the caller's program (each chunk index has its own static
-token layout), so one compiled program serves every N and k; each chunk's rollout (its cache
-encoding included) is wrapped in ``jax.checkpoint``, so the backward pass holds one chunk's
-activations at a time and re-runs that chunk's forward (encoding included) when it gets there.
+The chunk loop has two forms with the same values and gradients (``chunk_loop``):
+
+- ``"scan"`` (used when the student gives the scanned layout's two functions, ``encode_at`` and
+  ``chunk_apply_at`` below): a ``jax.lax.scan`` over the chunk index, so the program holds one
+  chunk's rollout (and one backward) whatever the chunk count. Every chunk uses one layout: its
+  noise padded to the largest chunk ``S``, the video so far in a fixed-size buffer, and a
+  fixed-size cache whose valid part follows from the (traced) chunk index.
+
+  - ``encode_at(params, video, c, context) -> cache``: the cache of chunks ``0..c-1`` read from
+    the buffer ``video`` ``(B, F + S, H, W, C)`` (frames from chunk ``c`` on must be ignored);
+  - ``chunk_apply_at(params, z, t, r, context, cache) -> u``: the velocity of chunk ``c``'s
+    frames padded to ``S`` (``z`` ``(B, S, H, W, C)``, times ``(B, S)``); frames past the chunk's
+    length must not influence the others (their outputs are dropped).
+- ``"unrolled"``: a Python loop inside the caller's program (each chunk index with its own
+  static token layout, so the program grows with the chunk count), with ``encode`` and
+  ``chunk_apply`` above.
+
+Both draw one N and k, traced, so one compiled program serves every N and k; each chunk's
+rollout (its cache encoding included) is wrapped in ``jax.checkpoint``, so the backward pass
+holds one chunk's activations at a time and re-runs that chunk's forward (encoding included)
+when it gets there.
 """
 from __future__ import annotations
 
@@ -45,7 +62,13 @@ EncodeFn = Callable[[Any, jax.Array, Any], Any]
 ChunkApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any, Any], jax.Array]
 """``chunk_apply(params, z, t, r, context, cache) -> u`` of the chunk's frames (module docstring)."""
 
-__all__ = ["EncodeFn", "ChunkApplyFn", "causal_backward_simulation", "chunk_starts"]
+EncodeAtFn = Callable[[Any, jax.Array, jax.Array, Any], Any]
+"""``encode_at(params, video, c, context) -> cache`` of the scanned loop (module docstring)."""
+
+CHUNK_LOOPS = ("scan", "unrolled")
+
+__all__ = ["EncodeFn", "ChunkApplyFn", "EncodeAtFn", "CHUNK_LOOPS", "causal_backward_simulation", "chunk_starts",
+           "resolve_chunk_loop"]
 
 
 def chunk_starts(chunk_partition: Sequence[int]) -> tuple[int, ...]:
@@ -57,6 +80,19 @@ def chunk_starts(chunk_partition: Sequence[int]) -> tuple[int, ...]:
     if not cp or min(cp) < 1:
         raise ValueError(f"chunk_partition must be positive frame counts, got {list(cp)}")
     return tuple(int(x) for x in np.cumsum((0,) + cp))
+
+
+def resolve_chunk_loop(chunk_loop: Optional[str], has_scan: bool) -> str:
+    """``chunk_loop`` checked: ``None`` means ``"scan"`` when the student gives the scanned
+    layout's functions, else ``"unrolled"``."""
+    if chunk_loop is None:
+        return "scan" if has_scan else "unrolled"
+    if chunk_loop not in CHUNK_LOOPS:
+        raise ValueError(f"chunk_loop must be one of {CHUNK_LOOPS}, got {chunk_loop!r}")
+    if chunk_loop == "scan" and not has_scan:
+        raise ValueError("chunk_loop='scan' needs the student's scanned-layout functions (encode_at, "
+                         "chunk_apply_at)")
+    return chunk_loop
 
 
 def causal_backward_simulation(
@@ -73,6 +109,9 @@ def causal_backward_simulation(
     num_steps: Any = None,
     grad_step: Any = None,
     remat_chunks: bool = True,
+    encode_at: Optional[EncodeAtFn] = None,
+    chunk_apply_at: Optional[ChunkApplyFn] = None,
+    chunk_loop: Optional[str] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Roll one noise draw to a video chunk by chunk (module docstring); returns ``(video, metrics)``.
 
@@ -84,7 +123,9 @@ def causal_backward_simulation(
     force them: Python ints or traced int32 scalars) and used by every chunk.
     ``stop_prefix_grad`` as in :func:`~anyflow_jax.losses.backward_simulation.backward_simulation`.
     ``remat_chunks=False`` drops the per-chunk ``jax.checkpoint`` (same values and gradients, more
-    memory). metrics: ``num_steps``, ``grad_step`` (int32), ``nfe`` (model calls of the rollout
+    memory). ``encode_at``/``chunk_apply_at``: the scanned layout's functions; ``chunk_loop``
+    ``"scan"`` (the default when they are given) or ``"unrolled"`` (module docstring).
+    metrics: ``num_steps``, ``grad_step`` (int32), ``nfe`` (model calls of the rollout
     over all chunks, cache encodings not counted) and ``cache_encodings``.
     """
     batch = C.check_batch(batch, ("noise",))
@@ -116,14 +157,54 @@ def causal_backward_simulation(
                                      stop_prefix_grad=stop_prefix_grad, num_steps=n_, grad_step=k_)
         return out, m["nfe"]
 
-    rollout = jax.checkpoint(chunk_rollout) if remat_chunks else chunk_rollout
-    parts, nfe = [], jnp.zeros((), jnp.int32)
-    for c in range(len(starts) - 1):
-        prev = jnp.concatenate(parts, axis=1) if parts else noise[:, :0]
-        out, nfe_c = rollout(params, prev, noise[:, starts[c]:starts[c + 1]], context, n, k)
-        parts.append(out)
-        nfe = nfe + nfe_c
-    video = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    loop = resolve_chunk_loop(chunk_loop, encode_at is not None and chunk_apply_at is not None)
+    n_chunks = len(starts) - 1
+    if loop == "scan":
+        video, nfe = _scanned_chunks(encode_at, chunk_apply_at, params, noise, context, starts, n, k, steps, shift,
+                                     stop_prefix_grad, remat_chunks)
+    else:
+        rollout = jax.checkpoint(chunk_rollout) if remat_chunks else chunk_rollout
+        parts, nfe = [], jnp.zeros((), jnp.int32)
+        for c in range(n_chunks):
+            prev = jnp.concatenate(parts, axis=1) if parts else noise[:, :0]
+            out, nfe_c = rollout(params, prev, noise[:, starts[c]:starts[c + 1]], context, n, k)
+            parts.append(out)
+            nfe = nfe + nfe_c
+        video = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     metrics = {"num_steps": n, "grad_step": k, "nfe": nfe,
-               "cache_encodings": jnp.asarray(len(starts) - 2, jnp.int32)}
+               "cache_encodings": jnp.asarray(n_chunks - 1, jnp.int32)}
     return video, metrics
+
+
+def _scanned_chunks(encode_at, chunk_apply_at, params, noise, context, starts, n, k, steps, shift, stop_prefix_grad,
+                    remat_chunks):
+    """The chunk loop as a ``lax.scan`` over the chunk index (module docstring): the carry is the
+    video buffer ``(B, F + S, ...)``; chunk ``c`` reads its noise from ``starts[c]`` (``S``
+    frames), and its ``S`` output frames are written there (a shorter chunk's padding frames are
+    overwritten by the next chunk, the last one's fall past ``F``)."""
+    f = starts[-1]
+    s = int(max(b - a for a, b in zip(starts[:-1], starts[1:])))
+    pad = ((0, 0), (0, s)) + ((0, 0),) * (noise.ndim - 2)
+    noise_buf = jnp.pad(noise, pad)
+    chunk_start = jnp.asarray(np.asarray(starts[:-1], np.int32))
+
+    def chunk_rollout(p, video, z, ctx, c, n_, k_):
+        cache = encode_at(jax.lax.stop_gradient(p), jax.lax.stop_gradient(video), c, ctx)
+        cache = jax.lax.stop_gradient(cache)
+
+        def apply_fn(p_, z_, t_, r_, c_):
+            return chunk_apply_at(p_, z_, t_, r_, c_, cache)
+        out, m = backward_simulation(apply_fn, p, {"noise": z, "context": ctx}, None, steps_list=steps, shift=shift,
+                                     stop_prefix_grad=stop_prefix_grad, num_steps=n_, grad_step=k_)
+        return out, m["nfe"]
+
+    rollout = jax.checkpoint(chunk_rollout) if remat_chunks else chunk_rollout
+
+    def body(video, c):
+        start = chunk_start[c]
+        z = jax.lax.dynamic_slice_in_dim(noise_buf, start, s, axis=1)
+        out, nfe_c = rollout(params, video, z, context, c, n, k)
+        return jax.lax.dynamic_update_slice_in_dim(video, out.astype(video.dtype), start, axis=1), nfe_c
+
+    video, nfes = jax.lax.scan(body, jnp.zeros_like(noise_buf), jnp.arange(len(starts) - 1, dtype=jnp.int32))
+    return video[:, :f], jnp.sum(nfes)

@@ -21,7 +21,8 @@ import jax
 from anyflow_jax.flow import schedule
 from anyflow_jax.losses import _common as C
 from anyflow_jax.losses.backward_simulation import DEFAULT_STEPS_LIST
-from anyflow_jax.losses.causal_backward_simulation import ChunkApplyFn, EncodeFn, causal_backward_simulation
+from anyflow_jax.losses.causal_backward_simulation import (
+    ChunkApplyFn, EncodeAtFn, EncodeFn, causal_backward_simulation, resolve_chunk_loop)
 from anyflow_jax.losses.causal_flow_map import CausalApplyFn, causal_flow_map_loss, check_partition
 from anyflow_jax.losses.dmd import critic_loss, dmd_loss
 
@@ -36,12 +37,18 @@ class CausalStudent(NamedTuple):
       (:mod:`anyflow_jax.losses.causal_backward_simulation`);
     - ``causal_apply(params, z, t, r, context, clean) -> u``: the teacher-forced training forward
       of the co-trained stage-1 loss; ``bidirectional_apply(params, z, t, r, context) -> u``
-      (optional): only needed when the co-trained loss has ``bidirectional_prob > 0``.
+      (optional): only needed when the co-trained loss has ``bidirectional_prob > 0``;
+    - ``encode_at(params, video, c, context) -> cache`` and ``chunk_apply_at(params, z, t, r,
+      context, cache) -> u`` (optional): the scanned layout's paths; given both, the rollout is a
+      ``lax.scan`` over chunks (``chunk_loop``,
+      :mod:`anyflow_jax.losses.causal_backward_simulation`).
     """
     encode: EncodeFn
     chunk_apply: ChunkApplyFn
     causal_apply: Optional[CausalApplyFn] = None
     bidirectional_apply: Optional[Callable] = None
+    encode_at: Optional[EncodeAtFn] = None
+    chunk_apply_at: Optional[ChunkApplyFn] = None
 
 
 # the reference's on-policy co-trained loss: the causal teacher-forcing loss only
@@ -49,7 +56,7 @@ _COTRAIN_DEFAULTS = {"bidirectional_prob": 0.0}
 
 
 def _rollout(student: CausalStudent, params, batch, key, chunk_partition, steps_list, shift, stop_prefix_grad,
-             num_steps, grad_step, remat_chunks=True):
+             num_steps, grad_step, remat_chunks=True, chunk_loop=None):
     batch = C.check_batch(batch, ("x0",))
     x0 = C.check_latents(batch["x0"], "batch['x0']")
     k_noise, k_sim = jax.random.split(key)
@@ -59,7 +66,8 @@ def _rollout(student: CausalStudent, params, batch, key, chunk_partition, steps_
                                       {"noise": noise, "context": batch.get("context")}, k_sim,
                                       chunk_partition=chunk_partition, steps_list=steps_list, shift=shift,
                                       stop_prefix_grad=stop_prefix_grad, num_steps=num_steps, grad_step=grad_step,
-                                      remat_chunks=remat_chunks)
+                                      remat_chunks=remat_chunks, encode_at=student.encode_at,
+                                      chunk_apply_at=student.chunk_apply_at, chunk_loop=chunk_loop)
 
 
 def _cotrain_options(flow_map_options, chunk_partition, full_chunk_limit) -> dict:
@@ -94,6 +102,7 @@ def causal_onpolicy_generator_loss(
     cotrain_forward: bool = True,
     flow_map_options: Optional[Mapping[str, Any]] = None,
     remat_chunks: bool = True,
+    chunk_loop: Optional[str] = None,
     num_steps: Any = None,
     grad_step: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -109,16 +118,18 @@ def causal_onpolicy_generator_loss(
     with ``bidirectional_prob = 0``, if unset; ``chunk_partition``/``full_chunk_limit`` come from
     this loss). ``remat_chunks``: each chunk's rollout under ``jax.checkpoint`` (the backward
     pass holds one chunk's activations at a time; ``False``: same values, more memory, a smaller
-    program). The two terms add 1:1. metrics: ``loss``, ``dmd/*``, ``rollout/*``,
+    program). ``chunk_loop``: ``"scan"`` (the default when the student gives ``encode_at`` and
+    ``chunk_apply_at``) or ``"unrolled"``. The two terms add 1:1. metrics: ``loss``, ``dmd/*``, ``rollout/*``,
     ``forward/*``.
     """
     cp, fcl = check_partition(chunk_partition, full_chunk_limit)
     if not isinstance(student, CausalStudent):
         raise ValueError(f"student must be a CausalStudent (encode, chunk_apply, causal_apply, ...), "
                          f"got {type(student).__name__}")
+    resolve_chunk_loop(chunk_loop, student.encode_at is not None and student.chunk_apply_at is not None)
     k_roll, k_dmd, k_fwd = jax.random.split(key, 3)
     x_hat, roll_metrics = _rollout(student, student_params, batch, k_roll, cp, steps_list, shift, stop_prefix_grad,
-                                   num_steps, grad_step, remat_chunks)
+                                   num_steps, grad_step, remat_chunks, chunk_loop)
     dmd_batch = {"sample": x_hat, "context": batch.get("context"), "neg_context": batch.get("neg_context")}
     loss_dmd, dmd_metrics = dmd_loss(teacher_apply, teacher_params, critic_apply, critic_params, dmd_batch, k_dmd,
                                      real_guidance_scale=real_guidance_scale, dmd_weight=dmd_weight, shift=shift,
@@ -149,20 +160,21 @@ def causal_onpolicy_critic_loss(
     chunk_partition: Optional[Sequence[int]] = None,
     steps_list: Sequence[int] = DEFAULT_STEPS_LIST,
     shift: float = schedule.DEFAULT_SHIFT,
+    chunk_loop: Optional[str] = None,
     num_steps: Any = None,
     grad_step: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Causal stage-2 critic objective: :func:`~anyflow_jax.losses.dmd.critic_loss` (the
     bidirectional critic) on the whole video of a stop-gradient causal rollout with its own N and k.
 
-    batch: ``x0`` (sets the rollout shape) and ``context``.
+    batch: ``x0`` (sets the rollout shape) and ``context``. ``chunk_loop`` as the generator's.
     """
     if chunk_partition is None:
         raise ValueError("chunk_partition is required (the FAR network's; the stage's objective takes it from the "
                          "student network)")
     k_roll, k_fm = jax.random.split(key)
     x_hat, roll_metrics = _rollout(student, jax.lax.stop_gradient(student_params), batch, k_roll, chunk_partition,
-                                   steps_list, shift, False, num_steps, grad_step)
+                                   steps_list, shift, False, num_steps, grad_step, chunk_loop=chunk_loop)
     loss, metrics = critic_loss(critic_apply, critic_params,
                                 {"sample": jax.lax.stop_gradient(x_hat), "context": batch.get("context")}, k_fm,
                                 shift=shift)

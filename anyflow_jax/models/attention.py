@@ -188,7 +188,7 @@ def _attention_core_jvp(primals, tangents):
     return o, do
 
 
-def _xla_attention(q, k, v, scale, mask=None, block_elements: int | None = None):
+def _xla_attention(q, k, v, scale, mask=None, block_elements: int | None = None, kv_valid=None):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     if mask is not None:
@@ -204,6 +204,8 @@ def _xla_attention(q, k, v, scale, mask=None, block_elements: int | None = None)
         if mask is not None:
             kv_ids = jnp.arange(lk, dtype=jnp.int32)[None, :]
             keep = mask.allowed(q_ids[:, None], kv_ids) | (q_ids[:, None] >= lq)  # padded rows: any key
+        if kv_valid is not None:
+            keep = kv_valid[None, :] if keep is None else keep & kv_valid[None, :]
         return _attention_core(qb, kt, vt, keep)
 
     block = jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(_BLOCK_OUT))
@@ -332,14 +334,35 @@ def _axes_for(dim: int, axes: tuple[str, ...], mesh) -> tuple[str, ...] | None:
     return axes
 
 
-def _default_precision(fn):
+def _default_precision(fn, nondiff: bool = False):
     """``fn`` with its forward and backward traced under the default matmul precision.
 
     For bf16/fp16 operands a global ``jax_default_matmul_precision="highest"`` (the tests set
     one) would ask Mosaic for fp32 contraction of bf16 tiles, which it rejects; the kernel
     accumulates in fp32 either way. The backward is traced after the forward's context has
-    exited, hence the custom VJP that re-enters it."""
+    exited, hence the custom VJP that re-enters it. ``nondiff``: ``fn`` takes a fourth,
+    integer argument (the segment ids) that gets no cotangent."""
     ctx = functools.partial(jax.default_matmul_precision, "default")
+
+    if nondiff:
+        @functools.partial(jax.custom_vjp, nondiff_argnums=())
+        def wrapped4(q, k, v, seg):
+            with ctx():
+                return fn(q, k, v, seg)
+
+        def fwd4(q, k, v, seg):
+            with ctx():
+                out, vjp_fn = jax.vjp(lambda a, b, c: fn(a, b, c, seg), q, k, v)
+            return out, (vjp_fn, seg)
+
+        def bwd4(res, g):
+            vjp_fn, seg = res
+            with ctx():
+                dq, dk, dv = vjp_fn(g)
+            return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
+
+        wrapped4.defvjp(fwd4, bwd4)
+        return wrapped4
 
     @jax.custom_vjp
     def wrapped(q, k, v):
@@ -358,7 +381,7 @@ def _default_precision(fn):
     return wrapped
 
 
-def _splash_attention(q, k, v, scale, mask=None, *, mesh=None, interpret=None, block_sizes=None):
+def _splash_attention(q, k, v, scale, mask=None, *, mesh=None, interpret=None, block_sizes=None, kv_valid=None):
     b, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     if k.shape != (b, kv_len, heads, head_dim) or v.shape[:3] != (b, kv_len, heads):
@@ -389,25 +412,37 @@ def _splash_attention(q, k, v, scale, mask=None, *, mesh=None, interpret=None, b
     local_heads = heads // (mesh.shape[head_axes[0]] if head_axes else 1)
     kernel = _splash_kernel(q_pad, kv_pad, kv_len, local_heads, mask, bs, bool(interpret))
 
-    per_device = jax.vmap(kernel)  # (B_local, H_local, L_pad, D) blocks
-    if q.dtype != jnp.float32:
-        per_device = _default_precision(per_device)
+    if kv_valid is None:
+        kv_seg = None
+        per_device = jax.vmap(kernel)  # (B_local, H_local, L_pad, D) blocks
+    else:
+        # dynamic key validity as segment ids: queries in segment 0, valid keys 0, the rest 1
+        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+        kv_seg = jnp.pad(jnp.where(kv_valid, 0, 1).astype(jnp.int32), (0, kv_pad - kv_len), constant_values=1)
 
+        def per_device(q_, k_, v_, seg_):
+            ids = SegmentIds(q=jnp.zeros((q_pad,), jnp.int32), kv=seg_)
+            return jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=ids))(q_, k_, v_)
+    if q.dtype != jnp.float32:
+        per_device = _default_precision(per_device, nondiff=kv_seg is not None)
+
+    args = (qt, kt, vt) + (() if kv_seg is None else (kv_seg,))
     free_axes = () if mesh is None else tuple(
         a for a in mesh.axis_names if a not in set(getattr(mesh, "manual_axes", ())))
     if not free_axes:
-        out = per_device(qt, kt, vt)  # single device, or already per-device (inside shard_map)
+        out = per_device(*args)  # single device, or already per-device (inside shard_map)
     else:
         spec = P(batch_axes, head_axes[0] if head_axes else None, None, None)
-        out = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                            axis_names=set(free_axes), check_vma=False)(qt, kt, vt)
+        specs = (spec, spec, spec) + (() if kv_seg is None else (P(None),))
+        out = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=spec,
+                            axis_names=set(free_axes), check_vma=False)(*args)
     return jnp.swapaxes(out[:, :, :q_len], 1, 2).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------- entry point
 def dot_product_attention(q, k, v, *, implementation: str = "xla", scale: float | None = None,
                           mask: AttentionMask | None = None, mesh: Any = None,
-                          interpret: bool | None = None, block_sizes: Any = None):
+                          interpret: bool | None = None, block_sizes: Any = None, kv_valid: Any = None):
     """Scaled dot-product attention.
 
     Args:
@@ -416,6 +451,9 @@ def dot_product_attention(q, k, v, *, implementation: str = "xla", scale: float 
       scale: logit scale, default ``1/sqrt(Dh)``.
       mask: ``None`` (full attention; all Wan attention) or an :class:`AttentionMask` over
         ``(Lq, Lk)``, e.g. :class:`ChunkCausalMask`.
+      kv_valid: ``None`` or a boolean ``(Lk,)`` array (traced values allowed): keys that may be
+        attended at all, on top of ``mask`` (the KV-cache padding of the scanned FAR chunk loop,
+        whose valid lengths depend on a traced chunk index). Splash takes it as segment ids.
       mesh: splash only - the mesh to ``shard_map`` over; default the current
         (``jax.set_mesh``) mesh, or none (single device) when there is none.
       interpret: splash only - run the kernel in the Pallas interpreter; default: when the
@@ -429,16 +467,24 @@ def dot_product_attention(q, k, v, *, implementation: str = "xla", scale: float 
         raise ValueError(f"attention expects 4-D q/k/v (B, L, H, Dh); got {q.shape}, {k.shape}, {v.shape}")
     if mask is not None and not isinstance(mask, AttentionMask):
         raise TypeError(f"mask must be an AttentionMask or None, got {type(mask).__name__}")
+    if kv_valid is not None:
+        kv_valid = jnp.asarray(kv_valid)
+        if kv_valid.shape != (k.shape[1],) or kv_valid.dtype != jnp.bool_:
+            raise ValueError(f"kv_valid must be a boolean ({k.shape[1]},) array, got {kv_valid.dtype} "
+                             f"{tuple(kv_valid.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if implementation == "xla":
-        return _xla_attention(q, k, v, scale, mask)
+        return _xla_attention(q, k, v, scale, mask, kv_valid=kv_valid)
     if implementation in ("jax", "cudnn"):
-        dense = None if mask is None else _dense_mask_jnp(mask, q.shape[1], k.shape[1])[None, None]
+        dense = None if mask is None else _dense_mask_jnp(mask, q.shape[1], k.shape[1])
+        if kv_valid is not None:
+            dense = kv_valid[None, :] if dense is None else dense & kv_valid[None, :]
+        dense = None if dense is None else jnp.broadcast_to(dense, (q.shape[1], k.shape[1]))[None, None]
         return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=dense,
                                             implementation=None if implementation == "jax" else "cudnn")
     if implementation == "splash":
         return _splash_attention(q, k, v, scale, mask, mesh=mesh, interpret=interpret,
-                                 block_sizes=block_sizes)
+                                 block_sizes=block_sizes, kv_valid=kv_valid)
     raise ValueError(
         f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")

@@ -72,6 +72,28 @@ class FarKVCache:
     full_tokens: int = flax.struct.field(pytree_node=False)
 
 
+@flax.struct.dataclass
+class FarSlotCache:
+    """The KV cache of the scanned chunk loop (``chunk_index=`` paths): one layout for every
+    chunk, so a ``lax.scan`` over chunks carries one program. Per-layer keys (before RoPE) and
+    values ``(layers, B, L, H, Dh)``:
+
+    - ``compressed_*``: the compressed-context region, the first ``len(chunk_partition) -
+      full_chunk_limit`` chunks of the partition at their own static offsets (the chunks that can
+      ever be compressed); the first ``max(0, chunk_index - (full_chunk_limit - 1))`` are valid;
+    - ``window_*``: the full-resolution window, ``full_chunk_limit - 1`` slots of
+      ``max(chunk_partition)`` frames each; slot ``p`` holds chunk ``chunk_index - W + p`` (``W``
+      the slot count) when that exists, its first frames valid (a chunk shorter than the slot is
+      padded).
+
+    ``chunk_index`` (int32, traced): the chunk the cache serves, i.e. the chunks encoded."""
+    compressed_k: jax.Array
+    compressed_v: jax.Array
+    window_k: jax.Array
+    window_v: jax.Array
+    chunk_index: jax.Array
+
+
 def chunk_layout(chunks: Sequence[int], full: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(compressed, full)`` frames per chunk: the last ``full`` chunks full (all of them when
     there are no more), the earlier ones compressed (``full`` may be 0: all compressed)."""
@@ -194,6 +216,141 @@ class FarWanTransformer3D(WanTransformer3D):
         return FarKVCache(zeros(cap_c), zeros(cap_c), zeros(cap_f), zeros(cap_f), n_chunks=0, compressed_tokens=0,
                           full_tokens=0)
 
+    # ------------------------------------------------------------------ the scanned layout
+    def slot_frames(self) -> int:
+        """Frames per slot of the scanned layout: the largest chunk of the partition."""
+        return max(self.chunk_partition)
+
+    def _slot_tables(self):
+        """Static per-chunk tables of the scanned layout (numpy int32): chunk starts (with the
+        total), chunk sizes, and the compressed region's frames."""
+        cp = tuple(int(c) for c in self.chunk_partition)
+        starts = np.cumsum((0,) + cp).astype(np.int32)
+        n_comp = max(0, len(cp) - self.full_chunk_limit)
+        return starts, np.asarray(cp, np.int32), int(starts[n_comp]), n_comp
+
+    def _slot_validity(self, c, h, w):
+        """Traced validity of the scanned layout's tokens at chunk index ``c``: ``(compressed
+        (Tc,), window (W * S * tf,), chunk (S * tf,))`` booleans and the absolute frame positions
+        ``(window (W * S,), chunk (S,))`` (clamped into range where invalid)."""
+        starts, sizes, comp_frames, _ = self._slot_tables()
+        tf, tc = self.tokens_per_frame(h, w)
+        win, s = self.full_chunk_limit - 1, self.slot_frames()
+        starts_j, sizes_j = jnp.asarray(starts), jnp.asarray(sizes)
+        c = jnp.asarray(c, jnp.int32)
+        n_comp = jnp.maximum(c - win, 0)
+        comp_valid = jnp.arange(comp_frames, dtype=jnp.int32) < starts_j[n_comp]
+        frame = jnp.arange(s, dtype=jnp.int32)
+        if win:
+            j = c - win + jnp.arange(win, dtype=jnp.int32)  # the chunk in each window slot
+            jc = jnp.clip(j, 0, len(sizes) - 1)
+            win_valid = (j[:, None] >= 0) & (frame[None, :] < sizes_j[jc][:, None])
+            win_pos = starts_j[jc][:, None] + frame[None, :]
+        else:
+            win_valid = jnp.zeros((0, s), bool)
+            win_pos = jnp.zeros((0, s), jnp.int32)
+        cc = jnp.clip(c, 0, len(sizes) - 1)
+        chunk_valid = frame < sizes_j[cc]
+        chunk_pos = starts_j[cc] + frame
+        limit = int(starts[-1]) + s - 1
+        return (jnp.repeat(comp_valid, tc), jnp.repeat(win_valid.reshape(-1), tf), jnp.repeat(chunk_valid, tf),
+                jnp.clip(win_pos.reshape(-1), 0, limit), jnp.clip(chunk_pos, 0, limit))
+
+    def _full_rope_at(self, positions, h, w):
+        """cos/sin of full-resolution frames at traced absolute ``positions``: rows of the static
+        table of every position the layout can name (gathered, so the values are the static
+        path's exactly)."""
+        _, ph, pw = self.patch_size
+        starts, _, _, _ = self._slot_tables()
+        n_pos = int(starts[-1]) + self.slot_frames()
+        cos, sin = self._rope(range(n_pos), h // ph, w // pw, 1)
+        per = (h // ph) * (w // pw)
+        cos = jnp.asarray(cos).reshape(n_pos, per, -1)[positions]
+        sin = jnp.asarray(sin).reshape(n_pos, per, -1)[positions]
+        return cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+
+    def _comp_rope(self, comp_frames, h, w):
+        _, ph, pw = self.patch_size
+        _, qh, qw = self.compressed_patch_size
+        cos, sin = self._rope(range(comp_frames), h // qh, w // qw, qh // ph)
+        return jnp.asarray(cos), jnp.asarray(sin)
+
+    def _slot_encode(self, latents, c, embed, patch_embedding, far_patch_embedding):
+        """The scanned layout's cache encoding at chunk index ``c`` from the video buffer
+        ``latents`` (B, F_buf, H, W, C): frames from chunk ``c`` on are ignored."""
+        b, f_buf, h, w, _ = latents.shape
+        starts, _, comp_frames, n_comp = self._slot_tables()
+        _, qh, qw = self.compressed_patch_size
+        tf, tc = self.tokens_per_frame(h, w)
+        win, s = self.full_chunk_limit - 1, self.slot_frames()
+        need = int(starts[-1]) + s
+        if f_buf < int(starts[-1]):
+            raise ValueError(f"the video buffer has {f_buf} latent frames; chunk_partition={self.chunk_partition} "
+                             f"needs {int(starts[-1])}")
+        if f_buf < need:
+            latents = jnp.pad(latents, ((0, 0), (0, need - f_buf), (0, 0), (0, 0), (0, 0)))
+        comp_valid, win_valid, _, win_pos, _ = self._slot_validity(c, h, w)
+        tokens, segments, bounds = [], [], []
+        if comp_frames:
+            if h // qh == 0 or w // qw == 0:
+                raise ValueError(f"latents {h}x{w} are smaller than compressed_patch_size {self.compressed_patch_size}")
+            ctx_latents = latents[:, :comp_frames, :(h // qh) * qh, :(w // qw) * qw]
+            tokens.append(far_patch_embedding(patchify(ctx_latents, self.compressed_patch_size)))
+            segments.append((comp_frames, tc))
+            bounds += [int(x) * tc for x in starts[1:n_comp + 1]]
+        if win:
+            slots = [jax.lax.dynamic_slice_in_dim(latents, win_pos[p * s], s, axis=1) for p in range(win)]
+            tokens.append(patch_embedding(patchify(jnp.concatenate(slots, axis=1), self.patch_size)))
+            segments.append((win * s, tf))
+            base = comp_frames * tc
+            bounds += [base + (p + 1) * s * tf for p in range(win)]
+        if not tokens:  # full_chunk_limit 1 with one chunk: nothing can be cached
+            raise ValueError("the scanned layout has no cache (one chunk and full_chunk_limit 1)")
+        x = constrain(jnp.concatenate(tokens, axis=1) if len(tokens) > 1 else tokens[0], RESIDUAL)
+        n_frames = comp_frames + win * s
+        zeros = jnp.zeros((b, n_frames), jnp.float32)
+        temb, mod, ctx = embed(zeros, zeros)
+        parts = []
+        if comp_frames:
+            parts.append(self._comp_rope(comp_frames, h, w))
+        if win:
+            parts.append(self._full_rope_at(win_pos, h, w))
+        rope = (jnp.concatenate([p[0] for p in parts], 0), jnp.concatenate([p[1] for p in parts], 0))
+        mask = ChunkCausalMask(tuple(bounds), tuple(bounds)) if len(bounds) > 1 else None
+        kv_valid = jnp.concatenate([comp_valid, win_valid])
+        _, kv = run_blocks(self, x, ctx, mod, rope, segments=tuple(segments), mask=mask, return_kv=True,
+                           kv_valid=kv_valid)
+        k, v = kv
+        lc = comp_frames * tc
+        return FarSlotCache(k[:, :, :lc], v[:, :, :lc], k[:, :, lc:], v[:, :, lc:], jnp.asarray(c, jnp.int32))
+
+    def _slot_chunk(self, latents, t, r, cache: FarSlotCache, embed, patch_embedding):
+        """The chunk's velocity in the scanned layout: ``latents`` (B, S, H, W, C), the chunk
+        ``cache.chunk_index`` padded to the slot's ``S`` frames (padding frames are ignored and
+        their outputs meaningless)."""
+        b, f, h, w, _ = latents.shape
+        _, _, comp_frames, _ = self._slot_tables()
+        s = self.slot_frames()
+        if f != s:
+            raise ValueError(f"the scanned layout's chunk has {s} latent frames (the largest chunk, padded); got {f}")
+        comp_valid, win_valid, chunk_valid, win_pos, chunk_pos = self._slot_validity(cache.chunk_index, h, w)
+        x = constrain(patch_embedding(patchify(latents, self.patch_size)), RESIDUAL)
+        temb, mod, ctx = embed(t, r)
+        q_cos, q_sin = self._full_rope_at(chunk_pos, h, w)
+        parts = []
+        if comp_frames:
+            parts.append(self._comp_rope(comp_frames, h, w))
+        if self.full_chunk_limit > 1:
+            parts.append(self._full_rope_at(win_pos, h, w))
+        parts.append((q_cos, q_sin))
+        k_cos = jnp.concatenate([p[0] for p in parts], 0)
+        k_sin = jnp.concatenate([p[1] for p in parts], 0)
+        prefix = (jnp.concatenate([cache.compressed_k, cache.window_k], 2),
+                  jnp.concatenate([cache.compressed_v, cache.window_v], 2))
+        kv_valid = jnp.concatenate([comp_valid, win_valid, chunk_valid])
+        x, _ = run_blocks(self, x, ctx, mod, (q_cos, q_sin, k_cos, k_sin), kv_prefix=prefix, kv_valid=kv_valid)
+        return unpatchify(output_head(self, x, temb), (b, f, h, w, self.out_dim), self.patch_size)
+
     def _rope(self, frame_positions, h, w, pool):
         if len(frame_positions) and max(frame_positions) >= self.rope_max_seq_len:
             raise ValueError(f"frame position {max(frame_positions)} exceeds rope_max_seq_len={self.rope_max_seq_len}")
@@ -218,7 +375,8 @@ class FarWanTransformer3D(WanTransformer3D):
     # ------------------------------------------------------------------ forward
     @nn.compact
     def __call__(self, latents, t, r=None, context=None, clean=None, clean_t=None, *, causal: bool = True,
-                 encode_cache: bool = False, kv_cache: FarKVCache | None = None):
+                 encode_cache: bool = False, kv_cache: FarKVCache | FarSlotCache | None = None,
+                 chunk_index=None):
         self.validate()
         if context is None:
             raise ValueError("context (text embeddings, (B, L, text_dim)) is required")
@@ -252,6 +410,15 @@ class FarWanTransformer3D(WanTransformer3D):
             x, _ = run_blocks(self, x, ctx, mod, self._rope_layout(0, range(f), h, w))
             return unpatchify(output_head(self, x, temb), (b, f, h, w, self.out_dim), self.patch_size)
 
+        if chunk_index is not None or isinstance(kv_cache, FarSlotCache):  # the scanned layout
+            if encode_cache:
+                return self._slot_encode(latents, chunk_index, embed, patch_embedding, far_patch_embedding)
+            if not isinstance(kv_cache, FarSlotCache):
+                raise ValueError("chunk_index belongs to the scanned layout: encode_cache=True (the cache) or "
+                                 "kv_cache=FarSlotCache (the chunk; its index is the cache's)")
+            if chunk_index is not None:
+                raise ValueError("the chunk's index is its FarSlotCache's chunk_index; do not pass chunk_index")
+            return self._slot_chunk(latents, t, r, kv_cache, embed, patch_embedding)
         if kv_cache is not None:
             return self._cached_chunk(latents, t, r, kv_cache, embed, patch_embedding)
 
@@ -275,8 +442,9 @@ class FarWanTransformer3D(WanTransformer3D):
             ctx_latents = latents[:, :ncf, :(h // qh) * qh, :(w // qw) * qw]  # a strided conv drops the rest
             tokens.append(far_patch_embedding(patchify(ctx_latents, self.compressed_patch_size)))
             segments.append((ncf, tc))
-        tokens.append(patch_embedding(patchify(latents[:, ncf:], self.patch_size)))
-        segments.append((nff, tf))
+        if nff:  # (a cache encoding with full_chunk_limit 1 has no full frames)
+            tokens.append(patch_embedding(patchify(latents[:, ncf:], self.patch_size)))
+            segments.append((nff, tf))
         if clean is not None:
             tokens.append(patch_embedding(patchify(clean, self.patch_size)))
             segments.append((nff, tf))
@@ -375,5 +543,5 @@ def make_apply_fn(model: FarWanTransformer3D, **call_kwargs):
     return apply_fn
 
 
-__all__ = ["FAR_CLASS_NAME", "FarKVCache", "FarWanTransformer3D", "chunk_layout", "is_far_config", "make_apply_fn",
+__all__ = ["FAR_CLASS_NAME", "FarKVCache", "FarSlotCache", "FarWanTransformer3D", "chunk_layout", "is_far_config", "make_apply_fn",
            "make_far_model", "model_from_config"]

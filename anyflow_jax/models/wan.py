@@ -263,7 +263,9 @@ class WanAttention(nn.Module):
     attention switch); ``kv_prefix`` (keys and values ``(B, Lp, H, Dh)`` of earlier tokens, before
     RoPE, put in front of this call's own: the KV cache); ``rope`` as ``(cos, sin)`` for queries
     and keys alike or ``(cos_q, sin_q, cos_k, sin_k)`` when the keys (cache + new) are longer than
-    the queries; ``return_kv``: also return this call's own keys and values before RoPE."""
+    the queries; ``return_kv``: also return this call's own keys and values before RoPE;
+    ``kv_valid``: a boolean ``(Lk,)`` array of the keys (cache + own) that may be attended (the
+    padding of fixed-size caches whose valid lengths are traced)."""
     num_heads: int
     eps: float
     dtype: Any
@@ -272,7 +274,7 @@ class WanAttention(nn.Module):
     return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, context=None, rope=None, kv_prefix=None):
+    def __call__(self, x, context=None, rope=None, kv_prefix=None, kv_valid=None):
         dim = x.shape[-1]
         kv_in = x if context is None else context
         q = Dense(dim, ("embed", "heads"), self.dtype, name="to_q")(x)
@@ -293,7 +295,8 @@ class WanAttention(nn.Module):
             q_rope, k_rope = (rope, rope) if len(rope) == 2 else (rope[:2], rope[2:])
             q = constrain(apply_rope(q, *q_rope), HEADS)
             k = constrain(apply_rope(k, *k_rope), HEADS)
-        out = constrain(dot_product_attention(q, k, v, implementation=self.attention_impl, mask=self.mask), HEADS)
+        out = constrain(dot_product_attention(q, k, v, implementation=self.attention_impl, mask=self.mask,
+                                              kv_valid=kv_valid), HEADS)
         out = checkpoint_name(out.reshape(b, lq, dim), "attn_out")
         out = Dense(dim, ("heads", "embed"), self.dtype, name="to_out_0")(out)
         return (out, own_kv) if self.return_kv else out
@@ -317,7 +320,7 @@ class WanBlock(nn.Module):
     return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, context, mod, rope, kv_prefix=None):
+    def __call__(self, x, context, mod, rope, kv_prefix=None, kv_valid=None):
         # x: (B, L, D) compute dtype; context: (B, Lc, D); mod: (B, F', 6, D) fp32.
         dim = x.shape[-1]
         seg = self.segments
@@ -332,7 +335,8 @@ class WanBlock(nn.Module):
         x = constrain(x, RESIDUAL)
         h = _modulate_tokens(_layer_norm(x, self.eps), shift_msa, scale_msa, seg).astype(x.dtype)
         attn = WanAttention(self.num_heads, self.eps, self.dtype, self.attention_impl, mask=self.mask,
-                            return_kv=self.return_kv, name="attn1")(h, rope=rope, kv_prefix=kv_prefix)
+                            return_kv=self.return_kv, name="attn1")(h, rope=rope, kv_prefix=kv_prefix,
+                                                                        kv_valid=kv_valid)
         own_kv = None
         if self.return_kv:
             attn, own_kv = attn
@@ -629,11 +633,12 @@ def unpatchify(x: jax.Array, shape, patch_size) -> jax.Array:
 
 
 def run_blocks(module: "WanTransformer3D", x, ctx, mod, rope, *, segments=None, mask=None, kv_prefix=None,
-               return_kv: bool = False):
+               return_kv: bool = False, kv_valid=None):
     """The ``num_layers`` Wan blocks of ``module`` (scanned or unrolled, rematerialised by its
     policy) as its submodules ``blocks`` / ``blocks_<i>``. Returns ``(x, kv)``: ``kv`` is ``None``
     unless ``return_kv`` (then each layer's self-attention ``(k, v)`` before RoPE, stacked on a
-    leading layer axis). ``kv_prefix``: per-layer cached ``(k, v)`` stacked the same way."""
+    leading layer axis). ``kv_prefix``: per-layer cached ``(k, v)`` stacked the same way;
+    ``kv_valid``: the self-attention keys (prefix + own) that may be attended, every layer."""
     block = WanBlock
     policy_name = module.remat_policy
     if policy_name != "none":
@@ -643,9 +648,12 @@ def run_blocks(module: "WanTransformer3D", x, ctx, mod, rope, *, segments=None, 
                   attention_impl=module.attention_impl)
     if segments is not None or mask is not None or return_kv:
         kwargs.update(segments=segments, mask=mask, return_kv=return_kv)
-    args = (x, ctx, mod, rope) + (() if kv_prefix is None else (kv_prefix,))
+    args = (x, ctx, mod, rope) + (() if kv_prefix is None and kv_valid is None else (kv_prefix,))
+    args += () if kv_valid is None else (kv_valid,)
     if module.scan_layers:
-        in_axes = (nn.broadcast, nn.broadcast, nn.broadcast) + (() if kv_prefix is None else (0,))
+        in_axes = (nn.broadcast, nn.broadcast, nn.broadcast)
+        in_axes += () if len(args) == 4 else ((nn.broadcast if kv_prefix is None else 0),)
+        in_axes += () if kv_valid is None else (nn.broadcast,)
         blocks = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                          in_axes=in_axes, length=module.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, name="blocks")
@@ -653,6 +661,8 @@ def run_blocks(module: "WanTransformer3D", x, ctx, mod, rope, *, segments=None, 
     kvs = []
     for i in range(module.num_layers):
         layer_prefix = () if kv_prefix is None else (jax.tree.map(lambda a, i=i: a[i], kv_prefix),)
+        if kv_valid is not None:
+            layer_prefix = (layer_prefix[0] if layer_prefix else None, kv_valid)
         x, kv = block(**kwargs, name=f"blocks_{i}")(x, ctx, mod, rope, *layer_prefix)
         kvs.append(kv)
     if not return_kv:
