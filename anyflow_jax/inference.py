@@ -306,11 +306,36 @@ def _capacity(generator, steps_list) -> dict:
     return {}
 
 
+def _context_latents_by_name(generator, context_latents, names, shape):
+    """``{name: (Fc, H, W, C) float32}`` of :func:`sample_videos`' ``context_latents``, checked."""
+    if context_latents is None:
+        return None
+    if not generator.causal:
+        raise ValueError(f"context_latents (image/video-to-video) needs a causal (FAR) checkpoint; "
+                         f"{generator.path} samples with the {generator.kind} sampler")
+    if isinstance(context_latents, Mapping):
+        missing = [n for n in names if n not in context_latents]
+        if missing:
+            raise ValueError(f"context_latents has no entry for condition(s) {missing}")
+        given = {n: np.asarray(context_latents[n], np.float32) for n in names}
+    else:
+        one = np.asarray(context_latents, np.float32)
+        given = {n: one for n in names}
+    for n, a in given.items():
+        if a.ndim != 4 or a.shape[1:] != tuple(shape[1:]) or a.shape[0] >= shape[0]:
+            raise ValueError(f"context_latents for {n!r} must be (Fc, {', '.join(map(str, shape[1:]))}) with Fc < "
+                             f"{shape[0]} frames, got {a.shape}")
+    if len({a.shape for a in given.values()}) > 1:
+        raise ValueError(f"all context_latents must have the same shape to be batched, got "
+                         f"{sorted({a.shape for a in given.values()})}")
+    return given
+
+
 def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str, Any], *, num_samples: int = 1,
                   seed: int = 0, guidance: float | None = None, neg_context=None,
                   video_shape: Sequence[int] | None = None, batch_size: int | None = None,
                   output: str = "float", progress: Callable[[int, int], None] | None = None,
-                  ) -> dict[tuple[str, int, int], np.ndarray]:
+                  context_latents: Any = None) -> dict[tuple[str, int, int], np.ndarray]:
     """Generate every (condition, sample, step count) video.
 
     ``conditions`` maps a name to a context ``(L, D)`` (or ``(1, L, D)``); sample ``i`` of every
@@ -324,6 +349,9 @@ def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str,
     Returns ``{(name, i, steps): video}`` with ``video`` ``(F, H, W, C)``: float32 in the model's
     range (``output="float"``) or mapped to uint8 (``output="uint8"``, see ``video.to_uint8``).
     ``progress(done, steps)`` is called after each batch with the number of videos it made.
+    ``context_latents`` (a causal (FAR) generator only: image/video-to-video): the given first
+    latent frames ``(Fc, H, W, C)``, one array for every condition or a mapping from each
+    condition's name to its own; every sample continues them (``Generator.sample``).
     """
     from anyflow_jax import video as vid
     if output not in ("float", "uint8"):
@@ -354,6 +382,7 @@ def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str,
         if neg_context.shape != (1,) + ctx[0].shape:
             raise ValueError(f"the negative context must be (1, {ctx[0].shape[0]}, {ctx[0].shape[1]}) like the "
                              f"conditions, got {neg_context.shape}")
+    given = _context_latents_by_name(generator, context_latents, names, shape)
     noise = initial_noise(seed, np.arange(int(num_samples)), shape)
     keys = sample_keys(seed, np.arange(int(num_samples)))
     jobs = [(n, k, i) for k, n in enumerate(names) for i in range(int(num_samples))]
@@ -366,6 +395,8 @@ def sample_videos(generator, steps_list: Sequence[int], conditions: Mapping[str,
             idx = np.asarray([i for _, _, i in chunk])
             z = jnp.asarray(noise[idx])
             c = jnp.asarray(np.stack([ctx[k] for _, k, _ in chunk]))
+            if given is not None:
+                capacity = dict(capacity, context_latents=jnp.asarray(np.stack([given[n] for n, _, _ in chunk])))
             x = generator.sample(z, c, steps, guidance=guidance, neg_context=neg_context, keys=keys[idx],
                                  **capacity)
             x = np.asarray(x, np.float32)

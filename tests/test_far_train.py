@@ -176,5 +176,18 @@ def test_trainer_runs_the_causal_stage_from_the_tiny_teacher(tiny_far_flow_map, 
                                          context_latents=first)
     np.testing.assert_allclose(i2v, np.asarray(want), atol=1e-5)
     assert not np.allclose(i2v[:, 1:], video[:, 1:], atol=1e-3)  # the frame steers the continuation
+    # sample_videos: every condition's samples continue its own given frame, as Generator.sample
+    firsts = {"class3": first[0], "class7": first[1]}
+    conds = gen.conditioning.contexts(["class3", "class7"])
+    vids = inference.sample_videos(gen, [2], conds, num_samples=1, context_latents=firsts)
+    for name in ("class3", "class7"):
+        z = inference.initial_noise(0, np.arange(1), noise.shape[1:])
+        one = np.asarray(gen.sample(jnp.asarray(z), conds[name][None], 2, context_latents=firsts[name][None]))[0]
+        np.testing.assert_array_equal(vids[(name, 0, 2)][:1], firsts[name])
+        np.testing.assert_allclose(vids[(name, 0, 2)], one, atol=1e-5)
+    with pytest.raises(ValueError, match="no entry for condition"):
+        inference.sample_videos(gen, [2], conds, context_latents={"class3": first[0]})
+    with pytest.raises(ValueError, match="Fc < 4 frames"):
+        inference.sample_videos(gen, [2], conds, context_latents=noise[0])
     with pytest.raises(ValueError, match="needs a causal"):
         inference.load_generator(tiny_teacher).sample(noise, ctx, 2, context_latents=first)
