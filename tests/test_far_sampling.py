@@ -2,8 +2,9 @@
 against a recompute of the full chunk-causal forward at every step of every chunk (T2V, I2V,
 V2V, with and without guidance), context frames returned unchanged, the step count, and the
 context-length check. A tiny network (2 layers, 2 heads of 8 dims, 4x8 latents, chunks
-[1, 2, 1], full_chunk_limit 2: the last chunk sees chunk 0 as compressed context). Programs are
-few on purpose (three chunk programs, three forward lengths, one guided chunk)."""
+[1, 2, 1], full_chunk_limit 2: the last chunk sees chunk 0 as compressed context). Both chunk
+loops (the default scan over the chunk index in the scanned layout, and the unrolled per-chunk
+programs) against the recompute. Programs are few on purpose."""
 import functools
 
 import flax.linen as nn
@@ -74,12 +75,14 @@ def _recompute(params, noise, ctx, num_steps, context_latents=None, guidance=1.0
     return out
 
 
+@pytest.mark.parametrize("chunk_loop", ["scan", "unrolled"])
 @pytest.mark.parametrize("n_context", [0, 1, 3], ids=["t2v", "i2v", "v2v"])
-def test_kv_cache_sampling_equals_the_recomputed_chunk_causal_forward(n_context):
+def test_kv_cache_sampling_equals_the_recomputed_chunk_causal_forward(n_context, chunk_loop):
     model, params = _net()
     noise, video, ctx, _ = _inputs()
     given = video[:, :n_context] if n_context else None
-    got = np.asarray(causal_sample(model, params, noise, ctx, num_steps=2, context_latents=given))
+    got = np.asarray(causal_sample(model, params, noise, ctx, num_steps=2, context_latents=given,
+                                   chunk_loop=chunk_loop))
     want = _recompute(params, noise, ctx, 2, given)
     assert got.shape == noise.shape
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -118,6 +121,25 @@ def test_step_count_and_the_one_step_jump():
         t = np.concatenate([np.zeros((B, a)), np.ones((B, b - a))], 1).astype(np.float32)
         u = np.asarray(fwd(params, x, t, np.zeros_like(t), ctx))[:, -(b - a):]
         np.testing.assert_allclose(one[:, a:b], noise[:, a:b] - u, atol=1e-5, rtol=0)
+
+
+def test_scanned_sampler_is_one_program_for_every_chunk_and_step_count():
+    """The default chunk loop compiles one program (a scan over the chunk index) where the
+    unrolled loop compiles one per chunk index; both give the same video."""
+    from anyflow_jax.flow import causal_sampling as cs
+    model, params = _net()
+    rng = np.random.RandomState(5)
+    noise = rng.randn(3, F, H, W, 4).astype(np.float32)  # a batch no other test uses: fresh programs
+    ctx = rng.randn(3, 3, 8).astype(np.float32)
+    scan0, unrolled0 = cs._generate_scanned_jit._cache_size(), cs._generate_chunk_jit._cache_size()
+    videos = {n: np.asarray(causal_sample(model, params, noise, ctx, num_steps=n)) for n in (1, 3)}
+    assert cs._generate_scanned_jit._cache_size() - scan0 == 1  # three chunks, two step counts: one program
+    unrolled = np.asarray(causal_sample(model, params, noise, ctx, num_steps=3, chunk_loop="unrolled"))
+    assert cs._generate_chunk_jit._cache_size() - unrolled0 == 3  # one per chunk index
+    np.testing.assert_allclose(videos[3], unrolled, atol=1e-5, rtol=0)
+    assert np.abs(videos[1] - videos[3]).max() > 1e-3
+    with pytest.raises(ValueError, match="chunk_loop must be"):
+        causal_sample(model, params, noise, ctx, chunk_loop="loop")
 
 
 def test_context_length_must_end_on_a_chunk_boundary():

@@ -21,14 +21,15 @@ the cache encoding included, runs on the batch ``[uncond; cond]`` (the uncond ha
 encoded with the negative context), and ``u = u_u + g (u_c - u_u)``. The released students fuse
 guidance, so the default is 1 (one batch, no negative context).
 
-Compilation: each chunk (cache encoding plus its step loop) is one jitted program; the chunk
-index is static (the cache's valid lengths, RoPE positions and token layout follow from it), so
-there is one program per chunk index, at most ``len(chunk_partition)``, shared by every task
-(T2V/I2V/V2V generate the same later chunks), every step count up to the grid capacity (the step
-loop runs over a padded grid with a traced step count, :func:`anyflow_jax.flow.sampling.padded_step_grid`)
-and every guidance scale > 1 (g is traced; g = 1 and g > 1 differ in batch and are two
-programs). :func:`causal_sample` may itself be called inside ``jax.jit`` (the chunk programs are
-then inlined into one program per context length); a traced step count then needs ``grid``.
+Compilation (``chunk_loop="scan"``, the default): the chunks are one ``lax.scan`` over the chunk
+index in the network's scanned layout (fixed-size cache, chunks padded to the largest; see
+``docs/far.md``), one jitted program per task (the first generated chunk, i.e. the context
+length) shared by every step count up to the grid capacity (the step loop runs over a padded
+grid with a traced step count, :func:`anyflow_jax.flow.sampling.padded_step_grid`) and every
+guidance scale > 1 (g is traced; g = 1 and g > 1 differ in batch and are two programs). With
+``chunk_loop="unrolled"`` each chunk (cache encoding plus its step loop) is its own program with
+a static layout (one per chunk index, shared by every task). :func:`causal_sample` may itself be
+called inside ``jax.jit``; a traced step count then needs ``grid``.
 """
 from __future__ import annotations
 
@@ -119,6 +120,48 @@ def _generate_chunk(model, guided: bool, use_mean_velocity: bool, params, prev, 
 _generate_chunk_jit = jax.jit(_generate_chunk, static_argnums=(0, 1, 2))
 
 
+def _generate_scanned(model, guided: bool, use_mean_velocity: bool, first: int, n_chunks: int, params, video, noise,
+                      context, guidance, grid, count):
+    """Chunks ``first .. n_chunks - 1`` as one ``lax.scan`` over the chunk index in the network's
+    scanned layout (``chunk_index=``): ``video`` and ``noise`` are buffers ``(B, F + S, ...)`` (``S``
+    the largest chunk) holding the given frames / the initial noise; each chunk encodes its cache
+    from the buffer (frames from the chunk on are ignored), takes ``count`` jumps of its noise
+    padded to ``S`` frames and writes them back (a shorter chunk's padding is overwritten by the
+    next chunk, or falls past the video)."""
+    b = noise.shape[0]
+    s = model.slot_frames()
+    starts = jnp.asarray(np.cumsum((0,) + tuple(int(c) for c in model.chunk_partition)), jnp.int32)
+
+    def double(x):
+        return jnp.concatenate([x, x], axis=0) if guided else x
+
+    def body(buf, c):
+        start = starts[c]
+        zeros = jnp.zeros((2 * b if guided else b, buf.shape[1]), jnp.float32)
+        cache = model.apply({"params": params}, double(buf), zeros, zeros, context, encode_cache=True, chunk_index=c)
+        cache = jax.lax.stop_gradient(cache)
+
+        def step(i, z):
+            t_i, r_i = grid[i], grid[i + 1]
+            tt = jnp.full((b, s), t_i, jnp.float32)
+            rr = jnp.full((b, s), r_i, jnp.float32)
+            u = model.apply({"params": params}, double(z), double(tt), double(rr if use_mean_velocity else tt),
+                            context, kv_cache=cache)
+            if guided:
+                u_u, u_c = jnp.split(u, 2, axis=0)
+                u = u_u + guidance * (u_c - u_u)
+            return schedule.flow_map_step(z, u.astype(z.dtype), tt, rr)
+
+        z = jax.lax.fori_loop(0, count, step, jax.lax.dynamic_slice_in_dim(noise, start, s, axis=1))
+        return jax.lax.dynamic_update_slice_in_dim(buf, z.astype(buf.dtype), start, axis=1), None
+
+    video, _ = jax.lax.scan(body, video, jnp.arange(first, n_chunks, dtype=jnp.int32))
+    return video
+
+
+_generate_scanned_jit = jax.jit(_generate_scanned, static_argnums=(0, 1, 2, 3, 4))
+
+
 def causal_sample(
     model,
     params: Any,
@@ -133,6 +176,7 @@ def causal_sample(
     timesteps: Optional[Sequence[float]] = None,
     grid: Optional[jax.Array] = None,
     use_mean_velocity: bool = True,
+    chunk_loop: str = "scan",
 ) -> jax.Array:
     """Chunk-autoregressive any-step sample of a FAR network (module docstring).
 
@@ -145,8 +189,13 @@ def causal_sample(
     unchanged. ``num_steps`` steps per chunk on the shifted grid (``timesteps`` overrides it;
     ``grid`` + a traced ``num_steps`` as in :func:`anyflow_jax.flow.sampling.sample`).
     ``use_mean_velocity=False`` calls the model with ``r = t`` (a teacher's Euler steps).
+    ``chunk_loop``: ``"scan"`` (one program for every chunk: a ``lax.scan`` over the chunk index
+    in the network's scanned layout) or ``"unrolled"`` (one program per chunk index, each with its
+    own static layout; the same values up to summation order).
     Returns the video ``(B, F, H, W, C)`` at tau = 0.
     """
+    if chunk_loop not in ("scan", "unrolled"):
+        raise ValueError(f"chunk_loop must be 'scan' or 'unrolled', got {chunk_loop!r}")
     noise = C.check_latents(noise, "noise")
     b, frames, h, w, c = noise.shape
     chunks = _check_video_frames(model, frames)
@@ -183,6 +232,18 @@ def causal_sample(
         n_ctx_chunks = check_context_length(chunks, ctx_lat.shape[1], frames)
         ctx_lat = ctx_lat.astype(noise.dtype)
 
+    if chunk_loop == "scan":
+        s = model.slot_frames()
+        total = int(np.sum(model.chunk_partition))
+        pad = ((0, 0), (0, total + s - frames), (0, 0), (0, 0), (0, 0))
+        video = jnp.zeros((b, total + s, h, w, c), noise.dtype)
+        if n_ctx_chunks:
+            video = video.at[:, :ctx_lat.shape[1]].set(ctx_lat)
+        video = _generate_scanned_jit(model, guided, bool(use_mean_velocity), n_ctx_chunks, len(chunks), params,
+                                      video, jnp.pad(noise, pad), context, jnp.float32(g), grid, count)
+        out = video[:, :frames]
+        # the given frames come back exactly as given
+        return out if not n_ctx_chunks else out.at[:, :ctx_lat.shape[1]].set(ctx_lat)
     parts = [ctx_lat] if n_ctx_chunks else []
     for ci in range(n_ctx_chunks, len(chunks)):
         prev = jnp.concatenate(parts, axis=1) if len(parts) > 1 else (
