@@ -350,6 +350,8 @@ class Stage:
 
 
 _NOT_OPTIONS = {"num_steps", "grad_step"}  # per-call forcing arguments of the losses, not config options
+# options with a fixed set of values, checked with the config (not first when the step traces)
+_CHOICES = {"chunk_loop": ("scan", "unrolled")}
 _RENAMED = {"dmd_batch_size": "dmd_num_samples (a count of the global batch; the reference's value is per GPU)"}
 
 
@@ -363,6 +365,9 @@ def check_options(fn: Callable, options: Mapping[str, Any], field: str) -> dict[
         if not hint and close:
             hint = f"; did you mean {field}.{close[0]}?"
         raise RunError(f"{field}.{name} is not an option of {fn.__name__}{hint} (options: {', '.join(sorted(allowed))})")
+    for name, choices in _CHOICES.items():
+        if name in options and options[name] not in choices:
+            raise RunError(f"{field}.{name} must be one of {', '.join(map(repr, choices))}, got {options[name]!r}")
     out = {}
     for k, v in options.items():
         out[k] = tuple(v) if isinstance(v, list) else (dict(v) if hasattr(v, "items") else v)

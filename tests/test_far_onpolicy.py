@@ -177,6 +177,14 @@ def test_stage_record_and_toy_config():
     cfg = parse(toy_config("far_on_policy"))
     assert cfg.loss["flow_map_options"]["bidirectional_prob"] == 0.0 and cfg.loss["cotrain_forward"]
     assert cfg.loss["steps_list"] == (2, 4, 8, 16, 32)
+    assert cfg.loss["chunk_loop"] == cfg.critic_loss["chunk_loop"] == "scan"
+    # a bad chunk loop fails with the config, before anything is loaded or traced
+    from anyflow_jax.config import set_field
+    from anyflow_jax.errors import RunError
+    bad = toy_config("far_on_policy")
+    set_field(bad, "critic_loss.chunk_loop", "python")
+    with pytest.raises(RunError, match="config.critic_loss.chunk_loop must be one of 'scan', 'unrolled', got 'python'"):
+        parse(bad)
 
 
 @pytest.mark.slow
