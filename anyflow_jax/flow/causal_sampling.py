@@ -82,31 +82,31 @@ def _check_video_frames(model, frames: int) -> tuple[int, ...]:
     return tuple(model.chunk_partition[:bounds.index(frames)])
 
 
-def _generate_chunk(model, guided: bool, use_mean_velocity: bool, params, prev, noise, context, guidance, grid,
-                    count):
-    """Chunk ``c`` (``c`` = the chunks held by ``prev``, static through its shape): encode the
-    cache from ``prev`` (the frames before the chunk, (B, F_prev, H, W, C)), then ``count``
-    flow-map jumps of the chunk's ``noise`` on ``grid``. ``context``: ``[neg; cond]`` (2B) when
-    ``guided``, else the (B) conditioning."""
-    b, f, h, w, _ = noise.shape
-    nb = 2 * b if guided else b
+def _double(x, guided: bool):
+    """The batch ``[x; x]`` of a guided call (uncond and cond halves), else ``x``."""
+    return jnp.concatenate([x, x], axis=0) if guided else x
 
-    def double(x):
-        return jnp.concatenate([x, x], axis=0) if guided else x
 
-    if prev.shape[1]:
-        zeros = jnp.zeros((nb, prev.shape[1]), jnp.float32)
-        cache = model.apply({"params": params}, double(prev), zeros, zeros, context, encode_cache=True)
-        cache = jax.lax.stop_gradient(cache)  # the reference encodes it under no_grad
-    else:
-        cache = model.empty_cache(nb, h, w)
+def _encode(model, guided, params, frames, context, **layout):
+    """The cache of ``frames`` at t = r = 0 (both guidance halves), detached: the reference
+    encodes it under no_grad. ``layout``: ``chunk_index=`` for the scanned layout."""
+    zeros = jnp.zeros((frames.shape[0] * (2 if guided else 1), frames.shape[1]), jnp.float32)
+    cache = model.apply({"params": params}, _double(frames, guided), zeros, zeros, context, encode_cache=True,
+                        **layout)
+    return jax.lax.stop_gradient(cache)
+
+
+def _chunk_steps(model, guided, use_mean_velocity, params, z, context, cache, guidance, grid, count):
+    """``count`` flow-map jumps of the chunk ``z`` (B, F_c, H, W, C) on ``grid`` given ``cache``
+    (``context``: ``[neg; cond]`` (2B) when ``guided``, else the (B) conditioning)."""
+    b, f = z.shape[:2]
 
     def step(i, z):
         t_i, r_i = grid[i], grid[i + 1]
         tt = jnp.full((b, f), t_i, jnp.float32)
         rr = jnp.full((b, f), r_i, jnp.float32)
-        u = model.apply({"params": params}, double(z), double(tt), double(rr if use_mean_velocity else tt), context,
-                        kv_cache=cache)
+        u = model.apply({"params": params}, _double(z, guided), _double(tt, guided),
+                        _double(rr if use_mean_velocity else tt, guided), context, kv_cache=cache)
         if guided:
             u_u, u_c = jnp.split(u, 2, axis=0)
             u = u_u + guidance * (u_c - u_u)
@@ -114,7 +114,20 @@ def _generate_chunk(model, guided: bool, use_mean_velocity: bool, params, prev, 
 
     # Deviation from the reference (as in sampling.sample): an interval with t == r is evaluated
     # (it moves z by 0 * u) rather than skipped.
-    return jax.lax.fori_loop(0, count, step, noise)
+    return jax.lax.fori_loop(0, count, step, z)
+
+
+def _generate_chunk(model, guided: bool, use_mean_velocity: bool, params, prev, noise, context, guidance, grid,
+                    count):
+    """Chunk ``c`` (``c`` = the chunks held by ``prev``, static through its shape): encode the
+    cache from ``prev`` (the frames before the chunk, (B, F_prev, H, W, C)), then ``count``
+    flow-map jumps of the chunk's ``noise`` on ``grid``."""
+    b, _, h, w, _ = noise.shape
+    if prev.shape[1]:
+        cache = _encode(model, guided, params, prev, context)
+    else:
+        cache = model.empty_cache(2 * b if guided else b, h, w)
+    return _chunk_steps(model, guided, use_mean_velocity, params, noise, context, cache, guidance, grid, count)
 
 
 _generate_chunk_jit = jax.jit(_generate_chunk, static_argnums=(0, 1, 2))
@@ -128,31 +141,14 @@ def _generate_scanned(model, guided: bool, use_mean_velocity: bool, first: int, 
     from the buffer (frames from the chunk on are ignored), takes ``count`` jumps of its noise
     padded to ``S`` frames and writes them back (a shorter chunk's padding is overwritten by the
     next chunk, or falls past the video)."""
-    b = noise.shape[0]
     s = model.slot_frames()
     starts = jnp.asarray(np.cumsum((0,) + tuple(int(c) for c in model.chunk_partition)), jnp.int32)
 
-    def double(x):
-        return jnp.concatenate([x, x], axis=0) if guided else x
-
     def body(buf, c):
         start = starts[c]
-        zeros = jnp.zeros((2 * b if guided else b, buf.shape[1]), jnp.float32)
-        cache = model.apply({"params": params}, double(buf), zeros, zeros, context, encode_cache=True, chunk_index=c)
-        cache = jax.lax.stop_gradient(cache)
-
-        def step(i, z):
-            t_i, r_i = grid[i], grid[i + 1]
-            tt = jnp.full((b, s), t_i, jnp.float32)
-            rr = jnp.full((b, s), r_i, jnp.float32)
-            u = model.apply({"params": params}, double(z), double(tt), double(rr if use_mean_velocity else tt),
-                            context, kv_cache=cache)
-            if guided:
-                u_u, u_c = jnp.split(u, 2, axis=0)
-                u = u_u + guidance * (u_c - u_u)
-            return schedule.flow_map_step(z, u.astype(z.dtype), tt, rr)
-
-        z = jax.lax.fori_loop(0, count, step, jax.lax.dynamic_slice_in_dim(noise, start, s, axis=1))
+        cache = _encode(model, guided, params, buf, context, chunk_index=c)
+        z = jax.lax.dynamic_slice_in_dim(noise, start, s, axis=1)
+        z = _chunk_steps(model, guided, use_mean_velocity, params, z, context, cache, guidance, grid, count)
         return jax.lax.dynamic_update_slice_in_dim(buf, z.astype(buf.dtype), start, axis=1), None
 
     video, _ = jax.lax.scan(body, video, jnp.arange(first, n_chunks, dtype=jnp.int32))

@@ -145,25 +145,13 @@ def causal_backward_simulation(
     # one (N, k) for the whole video, as the reference's rollout (the same for every chunk)
     n, k = resolve_steps(key, steps, num_steps, grad_step)
 
-    def chunk_rollout(p, prev, z, ctx, n_, k_):
-        # the cache of the student's own earlier chunks, detached (no gradient into the context
-        # or through the encoding's parameters)
-        cache = encode(jax.lax.stop_gradient(p), jax.lax.stop_gradient(prev), ctx)
-        cache = jax.lax.stop_gradient(cache)
-
-        def apply_fn(p_, z_, t_, r_, c_):
-            return chunk_apply(p_, z_, t_, r_, c_, cache)
-        out, m = backward_simulation(apply_fn, p, {"noise": z, "context": ctx}, None, steps_list=steps, shift=shift,
-                                     stop_prefix_grad=stop_prefix_grad, num_steps=n_, grad_step=k_)
-        return out, m["nfe"]
-
     loop = resolve_chunk_loop(chunk_loop, encode_at is not None and chunk_apply_at is not None)
     n_chunks = len(starts) - 1
     if loop == "scan":
-        video, nfe = _scanned_chunks(encode_at, chunk_apply_at, params, noise, context, starts, n, k, steps, shift,
-                                     stop_prefix_grad, remat_chunks)
+        rollout = _chunk_rollout(encode_at, chunk_apply_at, steps, shift, stop_prefix_grad, remat_chunks)
+        video, nfe = _scanned_chunks(rollout, params, noise, context, starts, n, k)
     else:
-        rollout = jax.checkpoint(chunk_rollout) if remat_chunks else chunk_rollout
+        rollout = _chunk_rollout(encode, chunk_apply, steps, shift, stop_prefix_grad, remat_chunks)
         parts, nfe = [], jnp.zeros((), jnp.int32)
         for c in range(n_chunks):
             prev = jnp.concatenate(parts, axis=1) if parts else noise[:, :0]
@@ -176,8 +164,25 @@ def causal_backward_simulation(
     return video, metrics
 
 
-def _scanned_chunks(encode_at, chunk_apply_at, params, noise, context, starts, n, k, steps, shift, stop_prefix_grad,
-                    remat_chunks):
+def _chunk_rollout(encode, chunk_apply, steps, shift, stop_prefix_grad, remat_chunks):
+    """``rollout(p, frames, z, ctx, n, k, *index) -> (chunk, nfe)`` of one chunk, for both loops:
+    the cache of the student's own earlier chunks ``encode(sg(p), sg(frames), *index, ctx)``,
+    detached (no gradient into the earlier chunks or through the encoding's parameters), then the
+    <= 3-transition backward simulation of ``z`` on it; under ``jax.checkpoint`` with
+    ``remat_chunks``."""
+    def rollout(p, frames, z, ctx, n_, k_, *index):
+        cache = encode(jax.lax.stop_gradient(p), jax.lax.stop_gradient(frames), *index, ctx)
+        cache = jax.lax.stop_gradient(cache)
+
+        def apply_fn(p_, z_, t_, r_, c_):
+            return chunk_apply(p_, z_, t_, r_, c_, cache)
+        out, m = backward_simulation(apply_fn, p, {"noise": z, "context": ctx}, None, steps_list=steps, shift=shift,
+                                     stop_prefix_grad=stop_prefix_grad, num_steps=n_, grad_step=k_)
+        return out, m["nfe"]
+    return jax.checkpoint(rollout) if remat_chunks else rollout
+
+
+def _scanned_chunks(rollout, params, noise, context, starts, n, k):
     """The chunk loop as a ``lax.scan`` over the chunk index (module docstring): the carry is the
     video buffer ``(B, F + S, ...)``; chunk ``c`` reads its noise from ``starts[c]`` (``S``
     frames), and its ``S`` output frames are written there (a shorter chunk's padding frames are
@@ -188,22 +193,10 @@ def _scanned_chunks(encode_at, chunk_apply_at, params, noise, context, starts, n
     noise_buf = jnp.pad(noise, pad)
     chunk_start = jnp.asarray(np.asarray(starts[:-1], np.int32))
 
-    def chunk_rollout(p, video, z, ctx, c, n_, k_):
-        cache = encode_at(jax.lax.stop_gradient(p), jax.lax.stop_gradient(video), c, ctx)
-        cache = jax.lax.stop_gradient(cache)
-
-        def apply_fn(p_, z_, t_, r_, c_):
-            return chunk_apply_at(p_, z_, t_, r_, c_, cache)
-        out, m = backward_simulation(apply_fn, p, {"noise": z, "context": ctx}, None, steps_list=steps, shift=shift,
-                                     stop_prefix_grad=stop_prefix_grad, num_steps=n_, grad_step=k_)
-        return out, m["nfe"]
-
-    rollout = jax.checkpoint(chunk_rollout) if remat_chunks else chunk_rollout
-
     def body(video, c):
         start = chunk_start[c]
         z = jax.lax.dynamic_slice_in_dim(noise_buf, start, s, axis=1)
-        out, nfe_c = rollout(params, video, z, context, c, n, k)
+        out, nfe_c = rollout(params, video, z, context, n, k, c)
         return jax.lax.dynamic_update_slice_in_dim(video, out.astype(video.dtype), start, axis=1), nfe_c
 
     video, nfes = jax.lax.scan(body, jnp.zeros_like(noise_buf), jnp.arange(len(starts) - 1, dtype=jnp.int32))

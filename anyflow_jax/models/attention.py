@@ -334,48 +334,32 @@ def _axes_for(dim: int, axes: tuple[str, ...], mesh) -> tuple[str, ...] | None:
     return axes
 
 
-def _default_precision(fn, nondiff: bool = False):
-    """``fn`` with its forward and backward traced under the default matmul precision.
+def _default_precision(fn):
+    """``fn(q, k, v, *extra)`` with its forward and backward traced under the default matmul
+    precision.
 
     For bf16/fp16 operands a global ``jax_default_matmul_precision="highest"`` (the tests set
     one) would ask Mosaic for fp32 contraction of bf16 tiles, which it rejects; the kernel
     accumulates in fp32 either way. The backward is traced after the forward's context has
-    exited, hence the custom VJP that re-enters it. ``nondiff``: ``fn`` takes a fourth,
-    integer argument (the segment ids) that gets no cotangent."""
+    exited, hence the custom VJP that re-enters it. ``extra`` (the segment ids) are integer
+    arrays with no cotangent."""
     ctx = functools.partial(jax.default_matmul_precision, "default")
 
-    if nondiff:
-        @functools.partial(jax.custom_vjp, nondiff_argnums=())
-        def wrapped4(q, k, v, seg):
-            with ctx():
-                return fn(q, k, v, seg)
-
-        def fwd4(q, k, v, seg):
-            with ctx():
-                out, vjp_fn = jax.vjp(lambda a, b, c: fn(a, b, c, seg), q, k, v)
-            return out, (vjp_fn, seg)
-
-        def bwd4(res, g):
-            vjp_fn, seg = res
-            with ctx():
-                dq, dk, dv = vjp_fn(g)
-            return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
-
-        wrapped4.defvjp(fwd4, bwd4)
-        return wrapped4
-
     @jax.custom_vjp
-    def wrapped(q, k, v):
+    def wrapped(q, k, v, *extra):
         with ctx():
-            return fn(q, k, v)
+            return fn(q, k, v, *extra)
 
-    def fwd(q, k, v):
+    def fwd(q, k, v, *extra):
         with ctx():
-            return jax.vjp(fn, q, k, v)
+            out, vjp_fn = jax.vjp(lambda a, b, c: fn(a, b, c, *extra), q, k, v)
+        return out, (vjp_fn, extra)
 
-    def bwd(vjp_fn, g):
+    def bwd(res, g):
+        vjp_fn, extra = res
         with ctx():
-            return vjp_fn(g)
+            grads = vjp_fn(g)
+        return (*grads, *(np.zeros(e.shape, jax.dtypes.float0) for e in extra))
 
     wrapped.defvjp(fwd, bwd)
     return wrapped
@@ -424,7 +408,7 @@ def _splash_attention(q, k, v, scale, mask=None, *, mesh=None, interpret=None, b
             ids = SegmentIds(q=jnp.zeros((q_pad,), jnp.int32), kv=seg_)
             return jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=ids))(q_, k_, v_)
     if q.dtype != jnp.float32:
-        per_device = _default_precision(per_device, nondiff=kv_seg is not None)
+        per_device = _default_precision(per_device)
 
     args = (qt, kt, vt) + (() if kv_seg is None else (kv_seg,))
     free_axes = () if mesh is None else tuple(
