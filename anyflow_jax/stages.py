@@ -202,15 +202,18 @@ def _causal_flow_map_objective(nets, batch, key, options):
 
     def bidirectional(p, z, t, r, c):  # the same weights' bidirectional path
         return apply(p, z, t, r, c, causal=False)
+
+    def causal_at(p, z, t, r, c, clean, n):  # the padded layout: one shape for every chunk count
+        return apply(p, z, t, r, c, clean=clean, num_chunks=n)
     return losses.causal_flow_map_loss(causal, bidirectional, nets.student_params, batch, key,
-                                       **far_loss_options(nets.student_model, options))
+                                       causal_apply_at=causal_at, **far_loss_options(nets.student_model, options))
 
 
 def far_student_fns(apply, model) -> "losses.CausalStudent":
     """The FAR student's paths as the functions the causal losses take: the cache encoding at
     t = r = 0 (``empty_cache`` before the first chunk), the cached chunk, the teacher-forced
-    training forward, the bidirectional path and the scanned layout's encoding and chunk, all
-    of ``apply``'s parameters."""
+    training forward, the bidirectional path, the scanned layout's encoding and chunk and the
+    padded training forward, all of ``apply``'s parameters."""
     def encode(p, frames, c):
         b, f, h, w, _ = frames.shape
         if f == 0:
@@ -233,7 +236,10 @@ def far_student_fns(apply, model) -> "losses.CausalStudent":
 
     def chunk_apply_at(p, z, t, r, c, cache):
         return apply(p, z, t, r, c, kv_cache=cache)
-    return losses.CausalStudent(encode, chunk_apply, causal, bidirectional, encode_at, chunk_apply_at)
+
+    def causal_at(p, z, t, r, c, clean, n):  # the co-trained loss's padded layout
+        return apply(p, z, t, r, c, clean=clean, num_chunks=n)
+    return losses.CausalStudent(encode, chunk_apply, causal, bidirectional, encode_at, chunk_apply_at, causal_at)
 
 
 def _far_student_model(nets):
@@ -349,9 +355,10 @@ class Stage:
             self.loss_options(self.critic_loss_defaults, critic=True)
 
 
-_NOT_OPTIONS = {"num_steps", "grad_step"}  # per-call forcing arguments of the losses, not config options
+# per-call forcing arguments and network functions of the losses, not config options
+_NOT_OPTIONS = {"num_steps", "grad_step", "causal_apply_at"}
 # options with a fixed set of values, checked with the config (not first when the step traces)
-_CHOICES = {"chunk_loop": ("scan", "unrolled")}
+_CHOICES = {"chunk_loop": ("scan", "unrolled"), "chunk_layout": ("padded", "switch")}
 _RENAMED = {"dmd_batch_size": "dmd_num_samples (a count of the global batch; the reference's value is per GPU)"}
 
 
@@ -457,7 +464,8 @@ REFERENCE_FAR_FLOW_MAP_LOSS = dict(REFERENCE_FLOW_MAP_LOSS, long_context_ratio=0
 register(Stage(
     name="far_flow_map", objective=_causal_flow_map_objective, loss_fn=losses.causal_flow_map_loss,
     sampler="causal_flow_map", eval_name="anyflow_far_stage1", student_is_flow_map=True, student_is_far=True,
-    starts_from={"student": "teacher"}, loss_defaults=dict(REFERENCE_FAR_FLOW_MAP_LOSS),
+    # ours: every chunk count in one padded layout ("switch": a branch per count, the reference's shapes)
+    starts_from={"student": "teacher"}, loss_defaults=dict(REFERENCE_FAR_FLOW_MAP_LOSS, chunk_layout="padded"),
     # not in the toy pipeline's default stages: `python -m anyflow_jax.pipeline --causal` adds the pair
     toy_pipeline=False,
     description="causal stage 1 (FAR): teacher-forced chunk-causal flow-map loss with the clean copy, chunk-count "
@@ -470,7 +478,8 @@ register(Stage(
 # adapters). The teacher (real score) and critic are bidirectional networks.
 REFERENCE_FAR_ON_POLICY_LOSS = dict(
     steps_list=[2, 4, 8, 16, 50], shift=5.0, stop_prefix_grad=False, real_guidance_scale=3.0, dmd_weight=1.0,
-    cotrain_forward=True, flow_map_options=dict(REFERENCE_FAR_FLOW_MAP_LOSS, bidirectional_prob=0.0),
+    cotrain_forward=True,
+    flow_map_options=dict(REFERENCE_FAR_FLOW_MAP_LOSS, bidirectional_prob=0.0, chunk_layout="padded"),
     # ours: the chunk loop as a lax.scan over chunks ("unrolled": the reference's per-chunk layouts)
     chunk_loop="scan")
 

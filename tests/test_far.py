@@ -317,6 +317,57 @@ def test_scanned_layout_equals_the_static_cache_for_every_chunk_index(full_chunk
         model.apply({"params": params}, z[:, :1], t[:, :1], t[:, :1], ctx, kv_cache=cache)
 
 
+@pytest.mark.parametrize("full_chunk_limit", [2, 1])
+def test_padded_training_layout_equals_the_exact_layout_for_every_chunk_count(full_chunk_limit):
+    """The teacher-forced training forward in the padded layout (``num_chunks`` traced: the
+    compressed region holds every chunk that can be context, the full chunks sit in
+    ``full_chunk_limit`` slots of the largest chunk, each with its clean copy) gives the full
+    frames the velocity of the exact per-count layout, for every chunk count, from one program.
+    Everything the layout must ignore (compressed frames past the context, padding frames of the
+    slots and of their clean copies) is junk."""
+    model, params = _net(full_chunk_limit=full_chunk_limit)
+    rng = np.random.RandomState(11)
+    s, bounds, fcl = 2, (0, 1, 3, 5, 6), full_chunk_limit
+    cf = model.train_context_frames()
+    assert cf == bounds[4 - fcl]
+    video = rng.randn(B, 6, H, W, 4).astype(np.float32)
+    clean_video = rng.randn(B, 6, H, W, 4).astype(np.float32)
+    ctx = rng.randn(B, 3, 8).astype(np.float32)
+    padded = jax.jit(lambda p, z, t, r, clean, n: model.apply({"params": p}, z, t, r, ctx, clean=clean,
+                                                              num_chunks=n))
+    exact = lambda p, z, t, r, clean: model.apply({"params": p}, z, t, r, ctx, clean=clean)  # noqa: E731
+    for n in range(fcl, 5):
+        a, end = bounds[n - fcl], bounds[n]  # context frames, all frames
+        tau = rng.uniform(0.2, 0.9, (B, 1)).astype(np.float32)
+        t_full = np.broadcast_to(tau, (B, end - a)).astype(np.float32)
+        z_exact = np.concatenate([video[:, :a], video[:, a:end]], 1)
+        t_exact = np.concatenate([np.zeros((B, a), np.float32), t_full], 1)
+        want = np.asarray(exact(params, z_exact, t_exact, 0.5 * t_exact, clean_video[:, a:end]))
+        # the padded layout: [compressed region][slots]; junk wherever it must not look
+        region = 50.0 * rng.randn(B, cf, H, W, 4).astype(np.float32)
+        region[:, :a] = video[:, :a]
+        slots = 50.0 * rng.randn(B, fcl * s, H, W, 4).astype(np.float32)
+        clean = 50.0 * rng.randn(B, fcl * s, H, W, 4).astype(np.float32)
+        pos, valid = (np.asarray(x) for x in model.train_slots(n))
+        for p in range(fcl):
+            j = n - fcl + p
+            size = bounds[j + 1] - bounds[j]
+            assert list(pos[p * s:p * s + size]) == list(range(bounds[j], bounds[j + 1]))
+            assert valid[p * s:(p + 1) * s].tolist() == [True] * size + [False] * (s - size)
+            slots[:, p * s:p * s + size] = video[:, bounds[j]:bounds[j + 1]]
+            clean[:, p * s:p * s + size] = clean_video[:, bounds[j]:bounds[j + 1]]
+        z = np.concatenate([region, slots], 1)
+        t = np.concatenate([np.zeros((B, cf), np.float32), np.broadcast_to(tau, (B, fcl * s))], 1)
+        got = np.asarray(padded(params, z, t, 0.5 * t, clean, jnp.int32(n)))[:, valid]
+        assert got.shape == want.shape and np.abs(want).max() > 0.1
+        np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max(), rtol=0)
+    assert padded._cache_size() == 1
+    with pytest.raises(ValueError, match="padded training layout takes"):
+        model.apply({"params": params}, z[:, 1:], t[:, 1:], t[:, 1:], ctx, clean=clean, num_chunks=n)
+    with pytest.raises(ValueError, match="needs the clean copy"):
+        model.apply({"params": params}, z, t, t, ctx, num_chunks=n)
+
+
 def test_bidirectional_path_is_the_wan_dit_where_the_rope_splits_agree():
     """At head dim 12 the FAR class's RoPE split is diffusers' (4:4:4 real dims), so the
     bidirectional path of a FAR network made from a Wan DiT (make_far_model: the reference's

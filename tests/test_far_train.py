@@ -52,6 +52,12 @@ def _applies(model):
     return causal, bidirectional
 
 
+def _padded(model):
+    def causal_at(p, z, t, r, c, clean, n):
+        return model.apply({"params": p}, z, t, r, c, clean=clean, num_chunks=n)
+    return causal_at
+
+
 def _hand_causal_loss(model, params, d, n):
     """Section 4.7 written out: the first n chunks, the last 2 full (noised with the sample's one
     (t, r) pair), the rest clean context at t = r = 0, the clean copy of the full frames; fused
@@ -97,16 +103,20 @@ def _hand_bidirectional_loss(model, params, d):
     return np.mean((pred - (d["bidirectional_eps"] - d["x0"])) ** 2)
 
 
-def test_loss_matches_the_section_4_7_recomputation_with_one_program_across_chunk_counts():
+@pytest.mark.parametrize("layout", ["padded", "switch"])
+def test_loss_matches_the_section_4_7_recomputation_with_one_program_across_chunk_counts(layout):
+    """Both layouts of a traced chunk count: ``padded`` (one shape; chunks [1, 2] and [2, 1] in
+    two slots of 2 frames, one of them padding) and ``switch`` (a branch per count)."""
     model, params, d = _setup()
     causal, bidirectional = _applies(model)
+    extra = dict(chunk_layout=layout, causal_apply_at=_padded(model) if layout == "padded" else None)
     traces = []
 
     @jax.jit
     def loss(p, n, coin):
         traces.append(1)
         return causal_flow_map_loss(causal, bidirectional, p, dict(d, num_chunks=n, bidirectional=coin),
-                                    jax.random.key(0), **OPTS)
+                                    jax.random.key(0), **OPTS, **extra)
 
     got = {}
     for n in (2, 3):
@@ -124,6 +134,20 @@ def test_loss_matches_the_section_4_7_recomputation_with_one_program_across_chun
         np.testing.assert_allclose(got[n, True][2], bi, rtol=1e-5)
         np.testing.assert_allclose(got[n, True][0], got[n, True][1] + got[n, True][2], rtol=1e-6)
     assert got[2, False][1] != got[3, False][1]  # compressed context changes the full chunks' loss
+    if layout == "padded":  # the padding frames reach neither the loss nor its gradient
+        def grad(layout_, **kw):
+            return jax.jit(jax.grad(lambda p, n: causal_flow_map_loss(
+                causal, bidirectional, p, dict(d, num_chunks=n, bidirectional=False), jax.random.key(0), **OPTS,
+                chunk_layout=layout_, **kw)[0]))
+        padded_grad, switch_grad = grad("padded", causal_apply_at=_padded(model)), grad("switch")
+        for n in (2, 3):
+            a, b = padded_grad(params, jnp.int32(n)), switch_grad(params, jnp.int32(n))
+            scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(b))
+            assert scale > 1e-3
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5 * scale, rtol=0), a, b)
+    with pytest.raises(ValueError, match="needs causal_apply_at"):
+        causal_flow_map_loss(causal, bidirectional, params, dict(d, num_chunks=jnp.int32(2)), jax.random.key(0),
+                             **OPTS, chunk_layout="padded")
 
 
 def test_chunk_count_draw_follows_the_long_context_ratio():

@@ -35,10 +35,15 @@ What a step does (the reference's ``pixel_loss``):
 
 The chunk count and the bidirectional coin are **traced** values drawn from ``key`` (the
 reference draws them on rank 0 and broadcasts them; a replicated key gives every replica the same
-draw): the branches are ``jax.lax.switch`` over the possible chunk counts and ``jax.lax.cond``
-for the bidirectional branch, so one compiled step serves every chunk count and both coin sides
-(each branch is compiled once into that program; only the drawn one runs). Forcing
-``batch['num_chunks']`` / ``batch['bidirectional']`` with Python values traces only that branch.
+draw), so one compiled step serves every chunk count and both coin sides. The chunk count runs
+in one of two layouts (``chunk_layout``): ``"padded"``, one shape for every count (the full
+chunks in fixed slots of the largest chunk, the compressed region holding every chunk that can be
+context, validity traced; needs the network's padded forward, ``causal_apply_at``; the default
+when it is given), or ``"switch"``, a ``jax.lax.switch`` with one branch per count in the
+reference's exact shapes (every branch compiled into the program; only the drawn one runs). The
+coin is a ``jax.lax.cond``. Forcing ``batch['num_chunks']`` / ``batch['bidirectional']`` with
+Python values traces only that count's exact layout / that coin side. The padded layout is ours
+(docs/deviations.md): the same loss up to float summation order, more tokens per step.
 """
 from __future__ import annotations
 
@@ -56,8 +61,11 @@ from anyflow_jax.losses.flow_matching import flow_matching_loss
 
 CausalApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any, jax.Array], jax.Array]
 """``causal_apply(params, z, t, r, context, clean) -> u`` of the full frames (module docstring)."""
+PaddedApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any, jax.Array, jax.Array], jax.Array]
+"""``causal_apply_at(params, z, t, r, context, clean, n) -> u``: the padded layout's training
+forward at traced chunk count ``n`` (``chunk_layout``, :func:`causal_flow_map_loss`)."""
 
-__all__ = ["CausalApplyFn", "causal_flow_map_loss", "chunk_counts", "check_partition", "sample_num_chunks",
+__all__ = ["CausalApplyFn", "PaddedApplyFn", "CHUNK_LAYOUTS", "resolve_chunk_layout", "causal_flow_map_loss", "chunk_counts", "check_partition", "sample_num_chunks",
            "chunk_frames"]
 
 
@@ -101,6 +109,22 @@ def sample_num_chunks(key: jax.Array, chunk_partition: Sequence[int], full_chunk
     return jnp.where(long, n_long, jnp.int32(counts[0]))
 
 
+CHUNK_LAYOUTS = ("padded", "switch")
+
+
+def resolve_chunk_layout(chunk_layout: Optional[str], have_padded: bool) -> str:
+    """The causal stage-1 loss's layout for a traced chunk count: ``chunk_layout`` checked, or
+    ``"padded"`` when the padded apply function is given, else ``"switch"``."""
+    if chunk_layout is None:
+        return "padded" if have_padded else "switch"
+    if chunk_layout not in CHUNK_LAYOUTS:
+        raise ValueError(f"chunk_layout must be one of {', '.join(map(repr, CHUNK_LAYOUTS))}, got {chunk_layout!r}")
+    if chunk_layout == "padded" and not have_padded:
+        raise ValueError("chunk_layout='padded' needs causal_apply_at (the network's padded training forward, "
+                         "num_chunks traced)")
+    return chunk_layout
+
+
 def _is_static_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -128,6 +152,8 @@ def causal_flow_map_loss(
     rescale_eps: float = 1e-5,
     bidirectional_logit_mean: float = 0.0,
     bidirectional_logit_std: float = 1.0,
+    chunk_layout: Optional[str] = None,
+    causal_apply_at: Optional[PaddedApplyFn] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Causal stage-1 loss (module docstring); defaults are the reference's FAR pretraining.
 
@@ -140,6 +166,16 @@ def causal_flow_map_loss(
     ``bidirectional`` (bool: the coin), ``bidirectional_eps`` (noise shaped like ``x0``) and
     ``bidirectional_t`` ((B, F) tau) for the bidirectional branch.
 
+    ``chunk_layout``: how a traced chunk count runs. ``"padded"`` (the default when
+    ``causal_apply_at`` is given): one layout for every count, ``causal_apply_at(params, z, t, r,
+    context, clean, n)`` over [the clip's first ``CF`` frames, the compressed region][the
+    ``full_chunk_limit`` full chunks, each in a slot of ``max(chunk_partition)`` frames], its
+    padding frames left out of the loss (``CF`` = the frames of all chunks but the last
+    ``full_chunk_limit``; :meth:`~anyflow_jax.models.far_wan.FarWanTransformer3D.train_slots`).
+    ``"switch"``: a ``lax.switch`` over the counts, each branch in its exact layout (the
+    reference's shapes; every branch is compiled, so the program grows with the counts). A forced
+    Python ``num_chunks`` and a partition with one count always run the exact layout.
+
     Returns ``(loss, metrics)``: ``loss`` = causal loss + (coin ? bidirectional loss : 0);
     metrics ``causal_loss``, ``bidirectional_loss`` (0 when not drawn), ``bidirectional`` (0/1),
     ``num_chunks``, ``text_dropped`` and the causal loss per pair kind (``loss_diffusion`` ...).
@@ -151,6 +187,7 @@ def causal_flow_map_loss(
         raise ValueError(f"batch['x0'] has {f} frames but chunk_partition={list(cp)} covers {sum(cp)}: the clip must "
                          "hold every chunk (the reference cuts each step's clip to its first n chunks)")
     counts = chunk_counts(cp, fcl)
+    layout = resolve_chunk_layout(chunk_layout, causal_apply_at is not None)
     w = C.check_guidance(fuse_guidance_scale, "fuse_guidance_scale")
     if w != 1.0 and (neg_context is None or context is None):
         raise ValueError(f"fuse_guidance_scale={w} needs batch['context'] and batch['neg_context'] "
@@ -207,6 +244,39 @@ def causal_flow_map_loss(
             return loss, m
         return branch
 
+    def padded_branch(n):
+        starts = np.cumsum((0,) + cp)
+        s, cf = max(cp), int(starts[len(cp) - fcl])
+        sizes = jnp.asarray(cp, jnp.int32)
+        nn = jnp.clip(n, counts[0], counts[-1])
+        j = nn - fcl + jnp.arange(fcl, dtype=jnp.int32)  # the chunk in each slot
+        frame = jnp.arange(s, dtype=jnp.int32)
+        valid = (frame[None, :] < sizes[j][:, None]).reshape(-1)
+        pos = (jnp.asarray(starts[:-1], jnp.int32)[j][:, None] + frame[None, :]).reshape(-1)
+        pos = jnp.where(valid, pos, 0)
+
+        def slots(a):  # (B, F, ...) -> the slots (B, fcl * S, ...), padding frames zero
+            keep = valid.reshape((1, -1) + (1,) * (a.ndim - 2))
+            return jnp.where(keep, jnp.take(a, pos, axis=1), jnp.zeros((), a.dtype))
+        x_full, eps_full = slots(x0), slots(eps)
+        ctx_valid = jnp.arange(cf, dtype=jnp.int32) < jnp.asarray(starts, jnp.int32)[jnp.maximum(nn - fcl, 0)]
+        x_ctx = jnp.where(ctx_valid.reshape((1, -1) + (1,) * (x0.ndim - 2)), x0[:, :cf], jnp.zeros((), x0.dtype))
+        zeros = jnp.zeros((b, cf), jnp.float32)
+        nf = fcl * s
+
+        def apply_fn(p, z, t_, r_, c):
+            if cf:
+                z, t_, r_ = (jnp.concatenate([x_ctx.astype(z.dtype), z], axis=1),
+                             jnp.concatenate([zeros, t_], axis=1), jnp.concatenate([zeros, r_], axis=1))
+            return causal_apply_at(p, z, t_, r_, c, x_full, nn)
+
+        def branch(p):
+            return flow_map_terms(apply_fn, p, x_full, eps_full, C.frames_time(t, nf), C.frames_time(r, nf), ctx,
+                                  neg_b, kinds, fuse_guidance_scale=w, derivative=derivative, delta=delta,
+                                  weighting=weighting, shift=shift, adaptive_rescale=adaptive_rescale,
+                                  rescale_eps=rescale_eps, frame_valid=valid)
+        return branch
+
     forced_n = batch.get("num_chunks")
     if forced_n is not None and _is_static_int(forced_n):
         if int(forced_n) not in counts:
@@ -219,6 +289,8 @@ def causal_flow_map_loss(
              else jnp.asarray(forced_n, jnp.int32))
         if len(counts) == 1:
             causal_loss, metrics = causal_branch(counts[0])(params)
+        elif layout == "padded":
+            causal_loss, metrics = padded_branch(n)(params)
         else:
             causal_loss, metrics = jax.lax.switch(jnp.clip(n - counts[0], 0, len(counts) - 1),
                                                   [causal_branch(c) for c in counts], params)

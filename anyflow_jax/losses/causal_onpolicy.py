@@ -23,7 +23,7 @@ from anyflow_jax.losses import _common as C
 from anyflow_jax.losses.backward_simulation import DEFAULT_STEPS_LIST
 from anyflow_jax.losses.causal_backward_simulation import (
     ChunkApplyFn, EncodeAtFn, EncodeFn, causal_backward_simulation, resolve_chunk_loop)
-from anyflow_jax.losses.causal_flow_map import CausalApplyFn, causal_flow_map_loss, check_partition
+from anyflow_jax.losses.causal_flow_map import CausalApplyFn, PaddedApplyFn, causal_flow_map_loss, check_partition
 from anyflow_jax.losses.dmd import critic_loss, dmd_loss
 
 __all__ = ["CausalStudent", "causal_onpolicy_generator_loss", "causal_onpolicy_critic_loss"]
@@ -41,7 +41,10 @@ class CausalStudent(NamedTuple):
     - ``encode_at(params, video, c, context) -> cache`` and ``chunk_apply_at(params, z, t, r,
       context, cache) -> u`` (optional): the scanned layout's paths; given both, the rollout is a
       ``lax.scan`` over chunks (``chunk_loop``,
-      :mod:`anyflow_jax.losses.causal_backward_simulation`).
+      :mod:`anyflow_jax.losses.causal_backward_simulation`);
+    - ``causal_apply_at(params, z, t, r, context, clean, n) -> u`` (optional): the padded
+      teacher-forced forward at a traced chunk count; given, the co-trained loss runs every chunk
+      count in one layout (``chunk_layout``, :func:`~anyflow_jax.losses.causal_flow_map.causal_flow_map_loss`).
     """
     encode: EncodeFn
     chunk_apply: ChunkApplyFn
@@ -49,6 +52,7 @@ class CausalStudent(NamedTuple):
     bidirectional_apply: Optional[Callable] = None
     encode_at: Optional[EncodeAtFn] = None
     chunk_apply_at: Optional[ChunkApplyFn] = None
+    causal_apply_at: Optional[PaddedApplyFn] = None
 
 
 # the reference's on-policy co-trained loss: the causal teacher-forcing loss only
@@ -142,7 +146,8 @@ def causal_onpolicy_generator_loss(
             raise ValueError("cotrain_forward=True needs student.causal_apply (the teacher-forced training forward)")
         opts = _cotrain_options(flow_map_options, cp, fcl)
         loss_fwd, fwd_metrics = causal_flow_map_loss(student.causal_apply, student.bidirectional_apply,
-                                                     student_params, batch, k_fwd, **opts)
+                                                     student_params, batch, k_fwd,
+                                                     causal_apply_at=student.causal_apply_at, **opts)
         metrics.update({f"forward/{k}": v for k, v in fwd_metrics.items()})
         loss = loss + loss_fwd
     metrics["loss"] = loss

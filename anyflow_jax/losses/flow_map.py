@@ -208,12 +208,14 @@ def flow_map_loss(
 def flow_map_terms(apply_fn: C.ApplyFn, params: Any, x0: jax.Array, eps: jax.Array, t: jax.Array, r: jax.Array,
                    ctx: Any, neg_b: Any, kinds: np.ndarray, *, fuse_guidance_scale: float, derivative: str,
                    delta: float, weighting: str, shift: float, adaptive_rescale: bool, rescale_eps: float,
-                   velocity_fn=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   velocity_fn=None, frame_valid=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Steps 3-6 of :func:`flow_map_loss` for given clean latents, noise, times, (dropped) context
     ``ctx``, broadcast negative context ``neg_b`` (used when ``fuse_guidance_scale`` != 1) and pair
     kinds (:func:`time_pair_kinds`): ``(loss, {"loss_<kind>": ...})``. Shared with the causal
     stage-1 loss (:mod:`anyflow_jax.losses.causal_flow_map`), whose ``apply_fn`` closes over the
-    context frames and the clean copy."""
+    context frames and the clean copy. ``frame_valid`` (optional, ``(F,)`` bool, traced allowed):
+    only these frames count, the per-sample mean taken over them (the causal loss's padded
+    layout; the other frames' values are ignored, whatever they hold)."""
     w = fuse_guidance_scale
     is_diff = jnp.asarray(kinds == DIFFUSION)
     n_diff = int(np.sum(kinds == DIFFUSION))
@@ -234,7 +236,13 @@ def flow_map_terms(apply_fn: C.ApplyFn, params: Any, x0: jax.Array, eps: jax.Arr
     else:
         u_hat = out
 
-    raw = C.per_sample_mean(jnp.square(u_hat - target))
+    if frame_valid is None:
+        raw = C.per_sample_mean(jnp.square(u_hat - target))
+    else:
+        keep = jnp.reshape(frame_valid, (1, -1) + (1,) * (u_hat.ndim - 2))
+        sq = jnp.where(keep, jnp.square(u_hat - target), 0.0)
+        per_frame = int(np.prod(u_hat.shape[2:]))
+        raw = jnp.sum(sq.reshape(sq.shape[0], -1), axis=1) / (jnp.sum(frame_valid.astype(jnp.float32)) * per_frame)
     # As in the reference: the per-sample loss times the mean over frames of the per-frame weight.
     weighted = raw * jnp.mean(schedule.loss_weight(t, weighting, shift), axis=1)
     diff_mean = jnp.sum(jnp.where(is_diff, weighted, 0.0)) / max(n_diff, 1)

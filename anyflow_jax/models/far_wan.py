@@ -351,6 +351,77 @@ class FarWanTransformer3D(WanTransformer3D):
         x, _ = run_blocks(self, x, ctx, mod, (q_cos, q_sin, k_cos, k_sin), kv_prefix=prefix, kv_valid=kv_valid)
         return unpatchify(output_head(self, x, temb), (b, f, h, w, self.out_dim), self.patch_size)
 
+    def train_slots(self, n):
+        """The padded training layout at traced chunk count ``n`` (``full_chunk_limit ..
+        len(chunk_partition)``): ``(frame positions (full_chunk_limit * S,), frame validity
+        (full_chunk_limit * S,))`` of the full slots, slot ``p`` holding chunk ``n -
+        full_chunk_limit + p`` (``S`` = :meth:`slot_frames`; positions clamped into range where
+        invalid)."""
+        starts, sizes, _, _ = self._slot_tables()
+        fcl, s = self.full_chunk_limit, self.slot_frames()
+        n = jnp.clip(jnp.asarray(n, jnp.int32), fcl, len(sizes))
+        j = n - fcl + jnp.arange(fcl, dtype=jnp.int32)
+        frame = jnp.arange(s, dtype=jnp.int32)
+        valid = frame[None, :] < jnp.asarray(sizes)[j][:, None]
+        pos = jnp.asarray(starts)[j][:, None] + frame[None, :]
+        return jnp.clip(pos.reshape(-1), 0, int(starts[-1]) + s - 1), valid.reshape(-1)
+
+    def train_context_frames(self) -> int:
+        """Frames of the padded training layout's compressed region: the chunks that can ever be
+        context (all but the last ``full_chunk_limit``)."""
+        return self._slot_tables()[2]
+
+    def _padded_train(self, latents, t, r, clean, clean_t, n, embed, patch_embedding, far_patch_embedding):
+        """The teacher-forced training forward in the padded layout (``num_chunks=n``, traced):
+        ``latents`` (B, CF + fcl * S, ...) = [the clip's first CF frames (compressed region; the
+        first ``sum(chunk_partition[:n - fcl])`` are context)][the fcl full slots, noisy];
+        ``clean`` (B, fcl * S, ...) the slots' clean copy. Returns the slots' velocity."""
+        b, f, h, w, c = latents.shape
+        starts, _, comp_frames, n_comp = self._slot_tables()
+        _, qh, qw = self.compressed_patch_size
+        tf, tc = self.tokens_per_frame(h, w)
+        fcl, s = self.full_chunk_limit, self.slot_frames()
+        nf = fcl * s
+        if f != comp_frames + nf:
+            raise ValueError(f"the padded training layout takes {comp_frames} context frames and {fcl} slots of {s} "
+                             f"frames ({comp_frames + nf} latent frames); got {f}")
+        if clean is None or tuple(clean.shape) != (b, nf, h, w, c):
+            got = None if clean is None else tuple(clean.shape)
+            raise ValueError(f"num_chunks (the padded training layout) needs the clean copy of the slots, "
+                             f"{(b, nf, h, w, c)}; got {got}")
+        pos, slot_valid = self.train_slots(n)
+        n = jnp.clip(jnp.asarray(n, jnp.int32), fcl, len(self.chunk_partition))
+        comp_valid = jnp.arange(comp_frames, dtype=jnp.int32) < jnp.asarray(starts)[jnp.maximum(n - fcl, 0)]
+        tokens, segments = [], []
+        if comp_frames:
+            if h // qh == 0 or w // qw == 0:
+                raise ValueError(f"latents {h}x{w} are smaller than compressed_patch_size {self.compressed_patch_size}")
+            ctx_latents = latents[:, :comp_frames, :(h // qh) * qh, :(w // qw) * qw]
+            tokens.append(far_patch_embedding(patchify(ctx_latents, self.compressed_patch_size)))
+            segments.append((comp_frames, tc))
+        tokens.append(patch_embedding(patchify(jnp.concatenate([latents[:, comp_frames:], clean], 1),
+                                               self.patch_size)))
+        segments.append((2 * nf, tf))
+        x = constrain(jnp.concatenate(tokens, axis=1) if len(tokens) > 1 else tokens[0], RESIDUAL)
+        ct = jnp.asarray(0.0 if clean_t is None else clean_t, jnp.float32)
+        ct = jnp.broadcast_to(ct[:, None] if ct.ndim == 1 else ct, (b, nf))
+        t_all = jnp.concatenate([t, ct], axis=1)
+        r_all = None
+        if r is not None:  # as the exact layout: the clean copy's delta input is clean_t
+            r_all = jnp.concatenate([r, ct if self.deltatime_type == "r" else jnp.zeros_like(ct)], axis=1)
+        temb, mod, ctx = embed(t_all, r_all)
+        f_cos, f_sin = self._full_rope_at(pos, h, w)
+        parts = ([self._comp_rope(comp_frames, h, w)] if comp_frames else []) + [(f_cos, f_sin)] * 2
+        rope = (jnp.concatenate([p[0] for p in parts], 0), jnp.concatenate([p[1] for p in parts], 0))
+        cp = tuple(int(x) for x in self.chunk_partition)
+        mask = far.FarTrainMask.from_frames(cp[:n_comp], (s,) * fcl, compressed_tokens=tc, full_tokens=tf)
+        slot_tokens = jnp.repeat(slot_valid, tf)
+        kv_valid = jnp.concatenate([jnp.repeat(comp_valid, tc), slot_tokens, slot_tokens])
+        x, _ = run_blocks(self, x, ctx, mod, rope, segments=tuple(segments), mask=mask, kv_valid=kv_valid)
+        lc = comp_frames * tc
+        out = output_head(self, x[:, lc:lc + nf * tf], temb[:, comp_frames:comp_frames + nf])
+        return unpatchify(out, (b, nf, h, w, self.out_dim), self.patch_size)
+
     def _rope(self, frame_positions, h, w, pool):
         if len(frame_positions) and max(frame_positions) >= self.rope_max_seq_len:
             raise ValueError(f"frame position {max(frame_positions)} exceeds rope_max_seq_len={self.rope_max_seq_len}")
@@ -376,7 +447,7 @@ class FarWanTransformer3D(WanTransformer3D):
     @nn.compact
     def __call__(self, latents, t, r=None, context=None, clean=None, clean_t=None, *, causal: bool = True,
                  encode_cache: bool = False, kv_cache: FarKVCache | FarSlotCache | None = None,
-                 chunk_index=None):
+                 chunk_index=None, num_chunks=None):
         self.validate()
         if context is None:
             raise ValueError("context (text embeddings, (B, L, text_dim)) is required")
@@ -393,6 +464,8 @@ class FarWanTransformer3D(WanTransformer3D):
             far_patch_embedding(jnp.zeros((b, 0, qh * qw * c), jnp.float32))
         if (clean is not None or clean_t is not None) and (not causal or encode_cache or kv_cache is not None):
             raise ValueError("clean / clean_t (the clean copy) belong to the causal training forward only")
+        if num_chunks is not None and (not causal or encode_cache or kv_cache is not None or chunk_index is not None):
+            raise ValueError("num_chunks (the padded training layout) belongs to the causal training forward only")
         if encode_cache and kv_cache is not None:
             raise ValueError("encode_cache and kv_cache are exclusive (encode the cache, then pass it)")
 
@@ -410,6 +483,9 @@ class FarWanTransformer3D(WanTransformer3D):
             x, _ = run_blocks(self, x, ctx, mod, self._rope_layout(0, range(f), h, w))
             return unpatchify(output_head(self, x, temb), (b, f, h, w, self.out_dim), self.patch_size)
 
+        if num_chunks is not None:  # the padded training layout (one shape for every chunk count)
+            return self._padded_train(latents, t, r, clean, clean_t, num_chunks, embed, patch_embedding,
+                                      far_patch_embedding)
         if chunk_index is not None or isinstance(kv_cache, FarSlotCache):  # the scanned layout
             if encode_cache:
                 return self._slot_encode(latents, chunk_index, embed, patch_embedding, far_patch_embedding)
