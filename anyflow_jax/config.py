@@ -85,13 +85,17 @@ class LoraConfig:
     a flow-map student, else ``teacher``. ``critic_targets``: the same for stage 2's critic
     (empty: ``critic``). ``alpha`` 0 means ``rank`` (scale 1). With LoRA on,
     ``optim.trainable_patterns`` select among the adapter factors (paths such as
-    ``blocks/attn1/to_q/kernel/lora_A``); empty: all of them.
+    ``blocks/attn1/to_q/kernel/lora_A``); empty: all of them. ``train_in_full``: parameter paths
+    of the student's modules trained in full next to its adapters (``far_patch_embedding`` in the
+    FAR stages, as the reference; each leaf an offset from the frozen base,
+    :class:`anyflow_jax.lora.DenseDelta`).
     """
     enabled: bool = False
     rank: int = 256  # the reference's rank and alpha (scale alpha / rank = 1)
     alpha: float = 256.0
     targets: tuple = ()
     critic_targets: tuple = ()
+    train_in_full: tuple = ()  # module paths of the student trained in full next to its adapters
 
     @property
     def scale_alpha(self) -> float:
@@ -375,6 +379,9 @@ def _check_lora(c: RunConfig) -> None:
         raise RunError(f"config.lora.enabled: stage {c.stage!r} starts from random weights here (config.init.student is "
                        "empty); LoRA adapts a pretrained base (and Wan's zero-initialised output head would never "
                        "move), so give config.init.student or set config.lora.enabled=False")
+    if any(not isinstance(v, str) or not v for v in lo.train_in_full):
+        raise RunError(f"config.lora.train_in_full must be parameter paths of modules (strings such as "
+                       f"'far_patch_embedding'), got {list(lo.train_in_full)}")
     if lo.critic_targets and not c.record.has_critic:
         raise RunError(f"config.lora.critic_targets is set but stage {c.stage!r} has no critic")
 

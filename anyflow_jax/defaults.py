@@ -143,6 +143,8 @@ WAN_SIZES = {
 # adapter factor; with lora.enabled=False these modules' full weights and biases are trained.
 _ATTN_FFN = [r"attn1/to_(q|k|v|out_0)/", r"ffn/net_(0|2)/"]
 _EMBEDDERS = [r"condition_embedder/(time|delta)_embedder/"]
+# FAR stages: far_patch_embedding is trained in full (with LoRA: config.lora.train_in_full)
+_FAR_PATCH = r"^far_patch_embedding/"
 
 
 def wan_config(size: str, stage: str) -> ml_collections.ConfigDict:
@@ -160,7 +162,8 @@ def wan_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(s["mesh"])
     steps = s["iters"].get(stage, c.train.steps)
     c.train.update(dict(steps=steps, log_every=10, checkpoint_every=500, keep_checkpoints=3))
-    c.optim.trainable_patterns = list(_ATTN_FFN) + (list(_EMBEDDERS) if record.student_is_flow_map else [])
+    c.optim.trainable_patterns = (list(_ATTN_FFN) + (list(_EMBEDDERS) if record.student_is_flow_map else [])
+                                  + ([_FAR_PATCH] if record.student_is_far else []))
     if record.has_critic:
         c.critic_optim.trainable_patterns = list(_ATTN_FFN)
     # the reference's PEFT LoRA for every network of every stage: rank 256, alpha 256, targets by

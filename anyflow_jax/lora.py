@@ -50,8 +50,8 @@ import jax.numpy as jnp
 from flax import struct
 
 __all__ = [
-    "RANK_AXIS", "LoraWeights", "LoraParams", "Target", "LoraError",
-    "target_paths", "init_adapters", "abstract_adapters", "merge", "lora_apply", "COLLECTION", "network_apply",
+    "RANK_AXIS", "LoraWeights", "DenseDelta", "LoraParams", "Target", "LoraError",
+    "target_paths", "init_adapters", "abstract_adapters", "full_paths", "split_full", "merge", "lora_apply", "COLLECTION", "network_apply",
     "as_adapters", "adapter_paths", "count_params", "box_adapters", "adapter_logical_names", "adapter_shardings",
     "REFERENCE_RANK", "REFERENCE_ALPHA", "WAN_ATTN_FFN_TARGETS", "WAN_EMBEDDER_TARGETS", "WAN_TARGETS",
     "wan_targets", "wan_linear_modules",
@@ -91,6 +91,18 @@ class LoraWeights:
         return self.scale * jnp.matmul(self.lora_A, self.lora_B, precision=precision)
 
 
+@struct.dataclass
+class DenseDelta:
+    """A base leaf trained in full next to the adapters (the reference's FAR stages train
+    ``far_patch_embedding`` so, its ``param_names_to_optimize``; PEFT's ``modules_to_save``),
+    held as an offset from the frozen base: ``delta`` is shaped like the leaf, zero at the start,
+    and the merged leaf is ``base + delta``. So a fresh one needs only the base's shapes and
+    leaves the network exactly the base, and the base stays frozen. With weight decay 0 (every
+    reference stage) training the offset is training the leaf; a nonzero decay would pull it
+    towards the base rather than towards 0."""
+    delta: jax.Array
+
+
 class LoraParams(NamedTuple):
     """The ``params`` argument of a :func:`lora_apply` function: the trainable adapters and the
     frozen base they apply to."""
@@ -109,6 +121,10 @@ class Target:
 
 def _is_lora(x) -> bool:
     return isinstance(x, LoraWeights)
+
+
+def _is_node(x) -> bool:
+    return isinstance(x, (LoraWeights, DenseDelta))
 
 
 def _norm_path(t) -> Path:
@@ -182,7 +198,7 @@ def _kernel(base, path: Path):
 
 # ----------------------------------------------------------------------------------- core
 def init_adapters(key: jax.Array, base_params, targets: Iterable, rank: int, alpha: float | None = None,
-                  *, dtype=jnp.float32):
+                  *, dtype=jnp.float32, full: Iterable = ()):
     """Fresh adapters for ``targets`` of ``base_params``, as PEFT initialises LoRA.
 
     ``lora_A`` is Kaiming-uniform with ``a = sqrt(5)`` over its fan-in ``in`` (torch
@@ -193,7 +209,11 @@ def init_adapters(key: jax.Array, base_params, targets: Iterable, rank: int, alp
     ``jax.jit`` with ``out_shardings`` to create the adapters directly sharded. Each target draws
     from ``fold_in(key, i)``, ``i`` its position in ``targets``.
 
-    Returns a nested dict mirroring the base, with a :class:`LoraWeights` at each target path.
+    ``full``: base leaves (paths, any shape) trained in full, each a zero :class:`DenseDelta`
+    (not a LoRA target too).
+
+    Returns a nested dict mirroring the base, with a :class:`LoraWeights` at each target path
+    and a :class:`DenseDelta` at each ``full`` path.
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise LoraError(f"rank must be a positive int, got {rank!r}")
@@ -209,36 +229,82 @@ def init_adapters(key: jax.Array, base_params, targets: Iterable, rank: int, alp
         a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, fan_in, rank), dtype, -bound, bound)
         b = jnp.zeros((*lead, rank, fan_out), dtype)
         _set_new(out, path, LoraWeights(a, b, alpha))
+    full_paths = [_norm_path(t) for t in full]
+    clash = sorted({"/".join(p) for p in full_paths} & {"/".join(p) for p in target_paths(targets)})
+    if clash:
+        raise LoraError(f"leaves both LoRA targets and trained in full: {clash}")
+    if len(set(full_paths)) != len(full_paths):
+        raise LoraError(f"leaves listed twice as trained in full: {['/'.join(p) for p in full_paths]}")
+    for path in full_paths:
+        try:
+            leaf = _get(base, path)
+        except KeyError as e:
+            raise LoraError(f"{'/'.join(path)!r} (trained in full) is not a parameter of the base "
+                            f"(no {e.args[0]!r})") from None
+        if isinstance(leaf, Mapping) or not hasattr(leaf, "shape"):
+            raise LoraError(f"{'/'.join(path)!r} (trained in full) is not an array leaf of the base")
+        _set_new(out, path, DenseDelta(jnp.zeros(tuple(leaf.shape), dtype)))
     return out
 
 
-def abstract_adapters(base_params, targets: Iterable, rank: int, alpha: float | None = None, *, dtype=jnp.float32):
+def abstract_adapters(base_params, targets: Iterable, rank: int, alpha: float | None = None, *, dtype=jnp.float32,
+                      full: Iterable = ()):
     """Shapes and dtypes of :func:`init_adapters` (no computation)."""
-    return jax.eval_shape(lambda k: init_adapters(k, base_params, targets, rank, alpha, dtype=dtype),
+    return jax.eval_shape(lambda k: init_adapters(k, base_params, targets, rank, alpha, dtype=dtype, full=full),
                           jax.random.key(0))
 
 
-def _flat_adapters(adapters) -> list[tuple[Path, LoraWeights]]:
-    leaves = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_lora)[0]
+def full_paths(base_params, prefixes: Iterable[str]) -> list[Path]:
+    """The array leaves of ``base_params`` under the module paths ``prefixes`` (``'/'``-joined,
+    e.g. ``'far_patch_embedding'``: its kernel and bias), in tree order; a prefix that names
+    nothing is an error."""
+    leaves = jax.tree_util.tree_flatten_with_path(_unboxed(base_params))[0]
+    paths = [tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in kp) for kp, _ in leaves]
+    out = []
+    for prefix in prefixes:
+        pp = _norm_path(prefix)
+        hit = [p for p in paths if p[:len(pp)] == pp]
+        if not hit:
+            raise LoraError(f"{prefix!r} names no parameter of the base (trained in full)")
+        out += [p for p in hit if p not in out]
+    return out
+
+
+def _flat_adapters(adapters) -> list[tuple[Path, LoraWeights | DenseDelta]]:
+    """``(path, node)`` of every adapter: :class:`LoraWeights` and :class:`DenseDelta` nodes."""
+    leaves = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_node)[0]
     out = []
     for kp, leaf in leaves:
         path = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)
-        if not _is_lora(leaf):
-            raise LoraError(f"adapters/{'/'.join(path)}: expected LoraWeights, got {type(leaf).__name__} "
-                            f"(build adapters with init_adapters)")
+        if not _is_node(leaf):
+            raise LoraError(f"adapters/{'/'.join(path)}: expected LoraWeights or DenseDelta, got "
+                            f"{type(leaf).__name__} (build adapters with init_adapters)")
         out.append((path, leaf))
     return out
 
 
+def split_full(adapters) -> tuple[Any, Any]:
+    """``(lora, full)``: the :class:`LoraWeights` nodes and the :class:`DenseDelta` nodes of
+    ``adapters`` as two trees (``{}`` where a kind is absent)."""
+    lo: dict = {}
+    full: dict = {}
+    for path, node in _flat_adapters(adapters):
+        _set_new(full if isinstance(node, DenseDelta) else lo, path, node)
+    return lo, full
+
+
 def as_adapters(tree, alpha: float):
     """Adapters from a plain nested dict whose adapted kernels are ``{'lora_A': A, 'lora_B': B}``
-    (what a checkpoint restored without a target, or a hand-made tree, holds), all with ``alpha``.
+    and whose leaves trained in full are ``{'delta': d}`` (what a checkpoint restored without a
+    target, or a hand-made tree, holds), all with ``alpha``.
     :class:`LoraWeights` already in ``tree`` are kept as they are."""
-    if _is_lora(tree):
+    if _is_node(tree):
         return tree
     if isinstance(tree, Mapping):
         if set(tree) == {"lora_A", "lora_B"}:
             return LoraWeights(tree["lora_A"], tree["lora_B"], float(alpha))
+        if set(tree) == {"delta"}:
+            return DenseDelta(tree["delta"])
         return {k: as_adapters(v, alpha) for k, v in tree.items()}
     raise LoraError(f"expected a nested dict of {{'lora_A', 'lora_B'}} pairs, found a {type(tree).__name__} leaf")
 
@@ -249,13 +315,19 @@ def adapter_paths(adapters) -> list[Path]:
 
 
 def count_params(adapters) -> int:
-    """Number of trainable adapter elements (``A`` and ``B`` of every target)."""
-    return sum(math.prod(l.lora_A.shape) + math.prod(l.lora_B.shape) for _, l in _flat_adapters(adapters))
+    """Number of trainable adapter elements (``A`` and ``B`` of every target, every element of a
+    leaf trained in full)."""
+    return sum(math.prod(l.delta.shape) if isinstance(l, DenseDelta) else
+               math.prod(l.lora_A.shape) + math.prod(l.lora_B.shape) for _, l in _flat_adapters(adapters))
 
 
-def _check_fit(path: Path, w, lw: LoraWeights) -> str | None:
-    ws, a, b = tuple(w.shape), tuple(lw.lora_A.shape), tuple(lw.lora_B.shape)
+def _check_fit(path: Path, w, lw: LoraWeights | DenseDelta) -> str | None:
     name = "/".join(path)
+    if isinstance(lw, DenseDelta):
+        if tuple(lw.delta.shape) != tuple(w.shape):
+            return f"{name}: the delta {tuple(lw.delta.shape)} is not shaped like the leaf {tuple(w.shape)}"
+        return None
+    ws, a, b = tuple(w.shape), tuple(lw.lora_A.shape), tuple(lw.lora_B.shape)
     if len(a) != len(ws) or len(b) != len(ws):
         return f"{name}: lora_A {a} / lora_B {b} do not have the kernel's {len(ws)} axes {ws}"
     if a[:-1] != ws[:-1] or b[:-2] != ws[:-2] or b[-1] != ws[-1] or a[-1] != b[-2]:
@@ -284,8 +356,9 @@ def _check_adapters(base_params, adapters) -> list[tuple[Path, LoraWeights]]:
 
 
 def merge(base_params, adapters, *, dtype=None, precision=None):
-    """The effective parameters: every adapted kernel ``W + (alpha / r) * A @ B``, every other
-    leaf the base leaf itself (the same array, untouched).
+    """The effective parameters: every adapted kernel ``W + (alpha / r) * A @ B``, every leaf
+    trained in full ``W + delta`` (:class:`DenseDelta`), every other leaf the base leaf itself
+    (the same array, untouched).
 
     Differentiable in ``adapters``; the base is only read, so when the caller differentiates
     w.r.t. the adapters alone the base gets no gradient, no optimizer state and stays bit for bit
@@ -302,6 +375,9 @@ def merge(base_params, adapters, *, dtype=None, precision=None):
     out = base_params
     for path, lw in flat:
         w = _get(base_params, path)
+        if isinstance(lw, DenseDelta):  # a leaf trained in full: base + its offset
+            out = _with_leaf(out, path, w + lw.delta.astype(w.dtype))
+            continue
         merged = w + lw.delta(precision).astype(w.dtype)
         if dtype is not None:
             merged = merged.astype(dtype)
@@ -349,6 +425,9 @@ def network_apply(model, *, method=None) -> Callable:
     def fn(params, z, t, r, context, **kwargs):
         adapters, base = params
         _check_adapters(base, adapters)
+        adapters, full = split_full(adapters)
+        if full:  # leaves trained in full are merged up front (W + delta), the LoRA kernels per layer
+            base = merge(base, full)
         variables = {"params": base, COLLECTION: adapters}
         if method is not None:
             kwargs["method"] = method
@@ -370,6 +449,8 @@ def adapter_logical_names(base_boxed, adapters):
     'lora_rank')`` and ``B`` ``(*lead, 'lora_rank', out_name)``."""
     def one(path, lw):
         names = _names_of(_get(base_boxed, path), path)
+        if isinstance(lw, DenseDelta):
+            return DenseDelta(names)
         return LoraWeights(names[:-1] + (RANK_AXIS,), names[:-2] + (RANK_AXIS, names[-1]), lw.alpha)
     flat = _flat_adapters(adapters)
     out: dict = {}
@@ -386,6 +467,9 @@ def box_adapters(adapters, base_boxed):
     out: dict = {}
     for path, lw in _flat_adapters(adapters):
         n = _get(names, path)
+        if isinstance(lw, DenseDelta):
+            _set_new(out, path, DenseDelta(nn.LogicallyPartitioned(lw.delta, n.delta)))
+            continue
         _set_new(out, path, LoraWeights(nn.LogicallyPartitioned(lw.lora_A, n.lora_A),
                                         nn.LogicallyPartitioned(lw.lora_B, n.lora_B), lw.alpha))
     return out

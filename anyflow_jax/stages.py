@@ -466,6 +466,8 @@ register(Stage(
     sampler="causal_flow_map", eval_name="anyflow_far_stage1", student_is_flow_map=True, student_is_far=True,
     # ours: every chunk count in one padded layout ("switch": a branch per count, the reference's shapes)
     starts_from={"student": "teacher"}, loss_defaults=dict(REFERENCE_FAR_FLOW_MAP_LOSS, chunk_layout="padded"),
+    # the reference trains far_patch_embedding in full next to the LoRA adapters
+    config_defaults={"lora.train_in_full": ("far_patch_embedding",)},
     # not in the toy pipeline's default stages: `python -m anyflow_jax.pipeline --causal` adds the pair
     toy_pipeline=False,
     description="causal stage 1 (FAR): teacher-forced chunk-causal flow-map loss with the clean copy, chunk-count "
@@ -489,7 +491,7 @@ register(Stage(
     sampler="causal_flow_map", eval_name="anyflow_far", student_is_flow_map=True, student_is_far=True,
     needs_teacher=True, starts_from={"student": "far_flow_map", "teacher": "teacher"},
     loss_defaults=REFERENCE_FAR_ON_POLICY_LOSS, critic_loss_defaults=dict(steps_list=[2, 4, 8, 16, 50], shift=5.0, chunk_loop="scan"),
-    config_defaults=dict(STAGES["on_policy"].config_defaults),
+    config_defaults=dict(STAGES["on_policy"].config_defaults, **{"lora.train_in_full": ("far_patch_embedding",)}),
     # not in the toy pipeline's default stages: `python -m anyflow_jax.pipeline --causal` adds the pair
     toy_pipeline=False,
     description="causal stage 2 (FAR): chunk-by-chunk backward simulation on the student's own detached chunks "

@@ -177,7 +177,7 @@ def tiny_consistency(shared_runs, tiny_teacher, tiny_last):
 def tiny_far_flow_map(shared_runs, tiny_teacher, tiny_last):
     """A tiny causal stage-1 (FAR) flow map: 2 steps from the tiny teacher, chunks (1, 2, 1) (the
     tiny runs' 4 frames), window 2; a cheaper program than the toy's (no guidance fusion, text
-    dropout or bidirectional branch; still the switch over 2 and 3 chunks)."""
+    dropout or bidirectional branch; still one padded layout for 2 and 3 chunks)."""
     from runs_testlib import tiny
     cfg = tiny("far_flow_map", steps=2, checkpoint_every=2)
     cfg.model.update(dict(chunk_partition=(1, 2, 1), full_chunk_limit=2))

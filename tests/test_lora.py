@@ -365,3 +365,72 @@ def test_adapters_shard_like_their_kernels(student):
     # adapters can be created directly sharded
     fresh = jax.jit(lambda k: lora.init_adapters(k, boxed, lora.wan_targets(model), RANK, ALPHA), out_shardings=sh)(jax.random.key(0))
     assert fresh["blocks"]["ffn"]["net_0"]["kernel"].lora_B.sharding.spec == P(None, None, "tensor")
+
+
+# ------------------------------------------------------------------------------ leaves trained in full
+def test_leaves_trained_in_full_next_to_the_adapters(tmp_path):
+    """The FAR stages' ``far_patch_embedding`` is trained in full next to the LoRA adapters (the
+    reference's ``param_names_to_optimize``): a zero :class:`lora.DenseDelta` per leaf, the merged
+    leaf ``base + delta``. A fresh one is the base bit for bit; its gradient is the network's
+    gradient in that leaf; the in-network merge equals the merge outside, values and gradients;
+    it shards like its leaf; a LoRA file refuses it."""
+    from anyflow_jax.models.far_wan import FarWanTransformer3D
+    model = FarWanTransformer3D(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                text_dim=8, freq_dim=16, ffn_dim=16, num_layers=2, rope_max_seq_len=64,
+                                flow_map=True, chunk_partition=(1, 2, 1), full_chunk_limit=1)
+    zeros = lambda tree: jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), tree)  # noqa: E731
+    boxed = model.abstract_params()
+    base = perturbed(zeros(nn.meta.unbox(boxed)), 1, 0.3)
+    full = lora.full_paths(base, ["far_patch_embedding"])
+    assert full == [("far_patch_embedding", "bias"), ("far_patch_embedding", "kernel")]
+    targets = lora.wan_targets(model)
+    fresh = lora.init_adapters(jax.random.key(1), base, targets, RANK, ALPHA, full=full)
+    fpe = fresh["far_patch_embedding"]
+    assert isinstance(fpe["kernel"], lora.DenseDelta) and not np.any(np.asarray(fpe["kernel"].delta))
+    n_full = sum(int(np.prod(base["far_patch_embedding"][k].shape)) for k in ("kernel", "bias"))
+    assert lora.count_params(fresh) == lora.count_params(lora.split_full(fresh)[0]) + n_full
+    jax.tree_util.tree_map(np.testing.assert_array_equal, lora.merge(base, fresh), base)
+    adapters = _trained(fresh, 2)
+    merged = lora.merge(base, adapters)
+    np.testing.assert_array_equal(merged["far_patch_embedding"]["kernel"], base["far_patch_embedding"]["kernel"]
+                                  + adapters["far_patch_embedding"]["kernel"].delta)
+
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 4, 8, 8, 4).astype(np.float32)  # 3 chunks, the first two compressed context
+    t = np.concatenate([np.zeros((2, 3)), rng.rand(2, 1)], 1).astype(np.float32)
+    ctx = rng.randn(2, 3, 8).astype(np.float32)
+    plain = make_apply_fn(model)
+    outside, inside = lora.lora_apply(plain), lora.network_apply(model)
+
+    def loss_of(fn):
+        return lambda p: jnp.sum(jnp.sin(3.0 * fn(p, x, t, 0.5 * t, ctx)))
+
+    @jax.jit
+    def run(adapters, base):
+        g_out = jax.grad(lambda ad: loss_of(outside)(lora.LoraParams(ad, base)))(adapters)
+        g_in = jax.grad(lambda ad: loss_of(inside)(lora.LoraParams(ad, base)))(adapters)
+        g_plain = jax.grad(loss_of(plain))(lora.merge(base, adapters))
+        return g_out, g_in, g_plain
+
+    g_out, g_in, g_plain = run(adapters, base)
+    for k in ("kernel", "bias"):
+        want = np.asarray(g_plain["far_patch_embedding"][k])
+        assert np.abs(want).max() > 1e-3, k  # the compressed context reaches the loss
+        np.testing.assert_allclose(g_out["far_patch_embedding"][k].delta, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(g_in["far_patch_embedding"][k].delta, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    a = np.asarray(g_in["blocks"]["attn1"]["to_q"]["kernel"].lora_B)
+    np.testing.assert_allclose(a, g_out["blocks"]["attn1"]["to_q"]["kernel"].lora_B, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    sh = lora.adapter_shardings(adapters, boxed, mesh)
+    assert sh["far_patch_embedding"]["kernel"].delta.spec == parallel.param_shardings(
+        boxed, mesh)["far_patch_embedding"]["kernel"].spec
+    restored = lora.as_adapters(jax.tree_util.tree_map(np.asarray, {"far_patch_embedding": {
+        "kernel": {"delta": fpe["kernel"].delta}}}), ALPHA)
+    assert isinstance(restored["far_patch_embedding"]["kernel"], lora.DenseDelta)
+    with pytest.raises(CheckpointError, match="far_patch_embedding/bias, far_patch_embedding/kernel in full"):
+        save_peft_adapter(str(tmp_path / "peft"), model, adapters)
+    with pytest.raises(lora.LoraError, match="both LoRA targets and trained in full"):
+        lora.init_adapters(jax.random.key(1), base, targets, RANK, ALPHA, full=[targets[0].path])
+    with pytest.raises(lora.LoraError, match="'nope' names no parameter"):
+        lora.full_paths(base, ["nope"])

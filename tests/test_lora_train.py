@@ -234,3 +234,56 @@ def test_lora_flow_map_then_on_policy_train(tmp_path, teacher_run):
     assert len(_names(restore_item(wd, 1, "critic_params"))) == 2 * ATTN_FFN
     assert_trees_equal(run_files.restore_base(wd, teacher_model, "critic_params"),
                        run_files.restore_base(teacher_run, teacher_model))
+
+
+@pytest.mark.slow
+def test_lora_far_stage_trains_far_patch_embedding_in_full(tmp_path, teacher_run):
+    """The FAR stages train ``far_patch_embedding`` in full next to the adapters (the reference's
+    ``param_names_to_optimize``; ``config.lora.train_in_full``, the FAR records' default): a
+    :class:`lora.DenseDelta` per leaf in the checkpoints, with optimizer state and EMA, recorded
+    in ``run.json``; the base keeps the resized start; the generator merges it; causal stage 2
+    continues it."""
+    cfg = _with_start(lora_config("far_flow_map", 2), teacher_run)
+    cfg.model.update(dict(chunk_partition=(1, 2, 1), full_chunk_limit=2))
+    cfg.loss.update(dict(fuse_guidance_scale=1.0, text_dropout=0.0, bidirectional_prob=0.0, long_context_ratio=1.0))
+    assert tuple(cfg.lora.train_in_full) == ("far_patch_embedding",)
+    start = loop.build_networks(config_lib.parse(cfg))
+    wd = str(tmp_path / "far_flow_map")
+    loop.train(cfg, wd)
+    meta = run_files.read_run_file(wd)
+    assert meta["lora"]["full"] == ["far_patch_embedding/bias", "far_patch_embedding/kernel"]
+    params = restore_item(wd, 2, "params")
+    names = _names(params)
+    assert "far_patch_embedding/kernel/delta" in names and "far_patch_embedding/bias/delta" in names
+    delta = np.asarray(params["far_patch_embedding"]["kernel"]["delta"])
+    assert np.abs(delta).max() > 0  # trained (it starts at zero)
+    opt_names = _names(restore_item(wd, 2, "opt_state"))
+    assert sum("far_patch_embedding/kernel" in n for n in opt_names) == 2  # Adam's mu and nu
+    student = loop.far_wan.model_from_config(meta["model"])
+    base = run_files.restore_base(wd, student)
+    assert_trees_equal(base["far_patch_embedding"], start.student_params["far_patch_embedding"])
+    gen = inference.load_generator(wd)
+    ema = restore_item(wd, 2, "ema_params")["far_patch_embedding"]
+    for k in ("kernel", "bias"):
+        np.testing.assert_array_equal(np.asarray(gen.params["far_patch_embedding"][k]),
+                                      np.asarray(base["far_patch_embedding"][k]) + np.asarray(ema[k]["delta"]))
+    # causal stage 2 continues the offsets (its default trains them too)
+    cfg2 = _with_start(lora_config("far_on_policy", 1), wd, teacher_run)
+    cfg2.model.update(dict(chunk_partition=(1, 2, 1), full_chunk_limit=2))
+    nets = loop.build_networks(config_lib.parse(cfg2))
+    kept = nets.adapters["far_patch_embedding"]["kernel"]
+    assert isinstance(kept, lora.DenseDelta)
+    np.testing.assert_array_equal(np.asarray(kept.delta), np.asarray(ema["kernel"]["delta"]))
+    # a trainable pattern that leaves the offsets out is one clear error
+    bad = _with_start(lora_config("far_flow_map", 1), teacher_run)
+    bad.model.update(dict(chunk_partition=(1, 2, 1), full_chunk_limit=2))
+    bad.optim.trainable_patterns = [r"attn1/"]
+    with pytest.raises(RunError, match="train_in_full trains far_patch_embedding/bias, far_patch_embedding/kernel "
+                                       "but config.optim.trainable_patterns leaves it out"):
+        loop.build_run(bad, str(tmp_path / "bad"))
+    # without the option the offsets are merged into the base: the network starts the same
+    cfg2.lora.train_in_full = ()
+    nets = loop.build_networks(config_lib.parse(cfg2))
+    assert "far_patch_embedding" not in (nets.adapters or {})
+    np.testing.assert_array_equal(np.asarray(nets.student_params["far_patch_embedding"]["kernel"]),
+                                  np.asarray(gen.params["far_patch_embedding"]["kernel"]))

@@ -62,6 +62,11 @@ def peft_state_dict(model, adapters, *, dtype=None) -> tuple[dict[str, np.ndarra
     modules = lora.wan_linear_modules(model)
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas, problems = {}, {}, []
+    full = [p for p, lw in lora._flat_adapters(adapters) if isinstance(lw, lora.DenseDelta)]
+    if full:
+        raise CheckpointError(f"these adapters also train {', '.join('/'.join(p) for p in full)} in full, which a "
+                              "LoRA file cannot hold (diffusers loads LoRA factors only): export the merged "
+                              "transformer (save_merged_transformer) instead")
     for path, lw in lora._flat_adapters(adapters):
         a = np.asarray(jax.device_get(lw.lora_A))
         b = np.asarray(jax.device_get(lw.lora_B))

@@ -353,7 +353,9 @@ def abstract_run_adapters(model: WanTransformer3D, info: dict, which: str = "par
     from flax import linen as nn
     from anyflow_jax import lora
     base = nn.meta.unbox(boxed_abstract_params(model))
-    abstract = lora.abstract_adapters(base, lora_target_paths(info, which), int(info["rank"]), float(info["alpha"]))
+    full = [tuple(p.split("/")) for p in info.get("full", [])] if which != "critic_params" else []
+    abstract = lora.abstract_adapters(base, lora_target_paths(info, which), int(info["rank"]), float(info["alpha"]),
+                                      full=full)
     return _placed(abstract, mesh, lambda: lora.adapter_shardings(abstract, boxed_abstract_params(model), mesh))
 
 

@@ -181,6 +181,17 @@ def lora_targets(cfg: RunConfig, model: WanTransformer3D, *, critic: bool = Fals
         raise RunError(f"config.lora.{'critic_targets' if critic else 'targets'}: {e}") from None
 
 
+def lora_full_paths(cfg: RunConfig, model: WanTransformer3D, *, critic: bool = False) -> list[tuple[str, ...]]:
+    """The student's leaves trained in full next to its adapters (``config.lora.train_in_full``;
+    the critic has none)."""
+    if critic or not cfg.lora.train_in_full:
+        return []
+    try:
+        return lora_lib.full_paths(_unboxed_abstract(model), cfg.lora.train_in_full)
+    except lora_lib.LoraError as e:
+        raise RunError(f"config.lora.train_in_full: {e}") from None
+
+
 def _carry_adapters(cfg: RunConfig, model: WanTransformer3D, base, adapters, *, critic: bool = False):
     """``(base, adapters, note)`` for a LoRA network starting from ``base`` + ``adapters``: the
     adapters the run trains (same target, rank and alpha) continue; any other is merged into the
@@ -188,11 +199,15 @@ def _carry_adapters(cfg: RunConfig, model: WanTransformer3D, base, adapters, *, 
     if adapters is None:
         return base, None, "fresh adapters"
     targets = set(lora_targets(cfg, model, critic=critic))
+    full = set(lora_full_paths(cfg, model, critic=critic))
     rank, alpha = cfg.lora.rank, cfg.lora.scale_alpha
     keep: dict = {}
     fold: dict = {}
     for path, lw in lora_lib._flat_adapters(adapters):
-        ok = path in targets and lw.rank == rank and float(lw.alpha) == alpha
+        if isinstance(lw, lora_lib.DenseDelta):
+            ok = path in full
+        else:
+            ok = path in targets and lw.rank == rank and float(lw.alpha) == alpha
         lora_lib._set_new(keep if ok else fold, path, lw)
     if fold:
         base = lora_lib.merge(base, fold)
@@ -213,11 +228,15 @@ class LoraLayout:
     critic_abstract: Any
     base_shardings: Any
     critic_base_shardings: Any
+    full: tuple = ()  # the student's leaves trained in full (DenseDelta nodes)
 
     def info(self) -> dict:
         """The ``lora`` entry of ``run.json`` (what readers need to rebuild the adapters)."""
-        return {"rank": self.rank, "alpha": self.alpha, "targets": ["/".join(p) for p in self.targets],
+        info = {"rank": self.rank, "alpha": self.alpha, "targets": ["/".join(p) for p in self.targets],
                 "critic_targets": ["/".join(p) for p in self.critic_targets] if self.critic_targets else []}
+        if self.full:
+            info["full"] = ["/".join(p) for p in self.full]
+        return info
 
 
 def build_networks(cfg: RunConfig, *, resume_meta: dict | None = None, mesh=None, workdir: str | None = None) -> Networks:
@@ -495,9 +514,18 @@ def _derive_lora_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
     rank, alpha = cfg.lora.rank, cfg.lora.scale_alpha
     abstract_base = _unboxed_abstract(student)
     targets = tuple(lora_targets(cfg, student))
-    adapters = lora_lib.abstract_adapters(abstract_base, targets, rank, alpha)
+    full = tuple(lora_full_paths(cfg, student))
+    try:
+        adapters = lora_lib.abstract_adapters(abstract_base, targets, rank, alpha, full=full)
+    except lora_lib.LoraError as e:
+        raise RunError(f"config.lora: {e}") from None
     # optim.trainable_patterns select among the adapter factors (empty: all of them)
     mask = _trainable_mask(adapters, cfg.optim.trainable_patterns, "config.optim.trainable_patterns")
+    frozen_full = [p for p in full if not all(jax.tree_util.tree_leaves(lora_lib._get(mask, p)))]
+    if frozen_full:
+        raise RunError(f"config.lora.train_in_full trains {', '.join('/'.join(p) for p in frozen_full)} but "
+                       "config.optim.trainable_patterns leaves it out (add a pattern such as "
+                       f"'^{frozen_full[0][0]}/', or drop it from config.lora.train_in_full)")
     tx = optim.make_optimizer(**cfg.optim.optimizer_kwargs(), mask=mask)
     critic_tx = critic_mask = critic_adapters = critic_targets = None
     if record.has_critic:
@@ -525,7 +553,7 @@ def _derive_lora_layout(cfg: RunConfig, mesh, nets: Networks) -> RunLayout:
                            critic_base=t_sh if record.has_critic else None)
     layout = LoraLayout(rank=rank, alpha=alpha, targets=targets, critic_targets=critic_targets, abstract=adapters,
                         critic_abstract=critic_adapters, base_shardings=base_sh,
-                        critic_base_shardings=t_sh if record.has_critic else None)
+                        critic_base_shardings=t_sh if record.has_critic else None, full=full)
     return RunLayout(mesh=mesh, spec=spec, state_shardings=state_sh, teacher_shardings=t_sh, replicated=rep,
                      frozen_shardings=frozen_sh, lora=layout)
 
@@ -654,10 +682,11 @@ def _f32(tree):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
-def _start_adapters(key, model: WanTransformer3D, lo: LoraLayout, abstract, targets, shardings, carried):
-    """Fresh adapters (PEFT's init, created sharded) with the carried-over ones in their places."""
+def _start_adapters(key, model: WanTransformer3D, lo: LoraLayout, abstract, targets, shardings, carried, full=()):
+    """Fresh adapters (PEFT's init, created sharded; zero offsets for the leaves trained in full)
+    with the carried-over ones in their places."""
     base = _unboxed_abstract(model)
-    fresh = jax.jit(lambda k: lora_lib.init_adapters(k, base, targets, lo.rank, lo.alpha),
+    fresh = jax.jit(lambda k: lora_lib.init_adapters(k, base, targets, lo.rank, lo.alpha, full=full),
                     out_shardings=shardings)(key)
     if carried is not None:
         for path, lw in lora_lib._flat_adapters(carried):
@@ -677,7 +706,7 @@ def _init_lora_state(run: Run) -> TrainState:
     else:
         base = jax.device_put(_f32(nets.student_params), lo.base_shardings)
     params = _start_adapters(jax.random.fold_in(key, 1), nets.student, lo, lo.abstract, lo.targets, sh.params,
-                             nets.adapters)
+                             nets.adapters, lo.full)
     ema = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=sh.ema_params)(params)
     opt_state = jax.jit(run.spec.tx.init, out_shardings=sh.opt_state)(params)
     bases = {"params": base}
