@@ -193,3 +193,73 @@ def test_pipeline_errors(pipeline, tmp_path, capsys):
                         capsys)
     assert code == 2 and "has no prompts" in err
     assert not (tmp_path / "o").exists()
+
+
+def _torch_vae_latents(folder, frames):
+    """Normalised posterior-mean latents (f, h, w, z) of uint8 frames (P, H, W, 3) by diffusers'
+    AutoencoderKLWan from ``folder``'s vae/."""
+    import torch
+    from diffusers import AutoencoderKLWan
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(folder, "vae"), torch_dtype=torch.float32)
+    x = torch.from_numpy(frames.astype(np.float32) / 127.5 - 1.0).permute(3, 0, 1, 2)[None]  # (1, 3, P, H, W)
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+    m = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    s = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return ((mean - m) / s)[0].permute(1, 2, 3, 0).numpy()
+
+
+@pytest.mark.slow
+def test_far_pixel_context_is_the_vae_encoding_of_the_image_and_video(pipeline, tmp_path, capsys):
+    """A FAR (chunk-causal) flow-map checkpoint in a pipeline folder samples image-to-video from a
+    png and video-to-video from a 5-frame video: the pipeline's VAE encodes the pixels (the
+    diffusers VAE's posterior mean, normalised, recomputed here) and the sample's first latent
+    frames are that encoding; a video whose frames do not end on a chunk boundary is one error."""
+    import imageio_ffmpeg
+    from anyflow_jax.interop.diffusers import load_transformer, save_transformer
+    from anyflow_jax.models.far_wan import make_far_model
+    from anyflow_jax.models.wan import make_flow_map_student
+    far_dir = tmp_path / "far"
+    shutil.copytree(pipeline, far_dir, ignore=shutil.ignore_patterns("transformer"))
+    model, params = load_transformer(os.path.join(pipeline, "transformer"))
+    student, sparams = make_flow_map_student(model, params)
+    far_model, far_params = make_far_model(student, sparams, chunk_partition=(1, 1, 1), full_chunk_limit=2,
+                                           compressed_patch_size=(1, 4, 4))
+    save_transformer(far_dir / "transformer", far_model, far_params)
+    rng = np.random.RandomState(3)
+    image = tmp_path / "first.png"
+    iio.imwrite(image, rng.randint(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+    common = ["--checkpoint", far_dir, "--prompt", "waves", "--steps", "2", "--frames", 9, "--height", HEIGHT,
+              "--width", WIDTH, "--format", "npy", "--no-progress"]
+    code, stdout, err = _cli([*common, "--image", image, "--out", tmp_path / "i2v"], capsys)
+    assert code == 0, err
+    assert "i2v (1 context latent frame)" in stdout, stdout
+    got = np.load(tmp_path / "i2v" / "prompt0_s0_steps2.npy")
+    assert got.shape[:3] == (3, HEIGHT // 8, WIDTH // 8)
+    want = _torch_vae_latents(far_dir, iio.imread(image)[None])
+    assert want.shape == got[:1].shape and np.abs(want).max() > 0.1
+    assert _rel(got[:1], want) < 1e-4
+    assert np.abs(got[1:] - got[:1]).max() > 0.1  # the generated frames are not the context
+
+    def write_video(path, n):  # a lossless video (png frames), so the decoded pixels are the written ones
+        frames = rng.randint(0, 256, (n, HEIGHT, WIDTH, 3), dtype=np.uint8)
+        writer = imageio_ffmpeg.write_frames(str(path), (WIDTH, HEIGHT), codec="png", pix_fmt_in="rgb24",
+                                             pix_fmt_out="rgb24", macro_block_size=1, output_params=["-an"])
+        writer.send(None)
+        for f in frames:
+            writer.send(np.ascontiguousarray(f))
+        writer.close()
+        return frames
+    frames = write_video(tmp_path / "clip.mov", 5)
+    code, stdout, err = _cli([*common, "--video", tmp_path / "clip.mov", "--out", tmp_path / "v2v"], capsys)
+    assert code == 0, err
+    assert "v2v (2 context latent frames)" in stdout, stdout
+    got = np.load(tmp_path / "v2v" / "prompt0_s0_steps2.npy")
+    want = _torch_vae_latents(far_dir, frames)
+    assert want.shape == got[:2].shape
+    assert _rel(got[:2], want) < 1e-4
+    for n, said in ((3, "has 3 frames"), (7, "has more than 5 frames")):
+        write_video(tmp_path / f"bad{n}.mov", n)
+        code, _, err = _cli([*common, "--video", tmp_path / f"bad{n}.mov", "--out", tmp_path / "bad"], capsys)
+        assert code == 2 and f"{said}; a context must end on a chunk boundary" in err and "[1, 5]" in err, err
+        assert not (tmp_path / "bad").exists()
