@@ -275,7 +275,8 @@ def load_generator(path: str, *, kind: str | None = None, use_ema: bool = True,
     if stage is not None:
         found = stage_registry.get(stage).sampler
     else:
-        found = ("causal_flow_map" if _is_far(model) else "flow_map") if model.flow_map else "teacher"
+        found = {(True, True): "causal_flow_map", (True, False): "flow_map", (False, True): "causal_teacher",
+                 (False, False): "teacher"}[(bool(model.flow_map), _is_far(model))]
     # outside a workdir a single-time model may be declared a consistency model
     declared_ok = stage is None and not model.flow_map and kind is not None and \
         not stage_registry.get_sampler(kind).flow_map_model
@@ -286,6 +287,9 @@ def load_generator(path: str, *, kind: str | None = None, use_ema: bool = True,
         raise RunError(f"{path}: a flow-map sampler needs a flow-map model")
     if stage_registry.get_sampler(kind).causal and not _is_far(model):
         raise RunError(f"{path}: the {kind} sampler needs a FAR (chunk-causal) network")
+    if _is_far(model) and not stage_registry.get_sampler(kind).causal:
+        raise RunError(f"{path}: a FAR (chunk-causal) network samples chunk by chunk (causal_flow_map or "
+                       f"causal_teacher), not with the {kind} sampler")
     shift = float(meta.get("config", {}).get("loss", {}).get("shift", 5.0)) if src_kind == "workdir" else 5.0
     return Generator(kind=kind, stage=stage or kind, model=model, params=params, path=path, data=data, shift=shift,
                      conditioning=conditioning_for(data, model))

@@ -574,46 +574,19 @@ def _context_latents(model, opts, shape, log=None) -> np.ndarray | None:
     return lat
 
 
-class _CausalSampler:
-    """``sample(noise, context, steps, ...)`` of a FAR checkpoint: the chunk-autoregressive any-step
-    sampler (:func:`anyflow_jax.flow.causal_sampling.causal_sample`), with the task's context
-    latents (the same for every sample) filling the first chunks."""
-
-    def __init__(self, gen, task: str, context_latents):
-        self.gen, self.task, self.context_latents = gen, task, context_latents
-
-    def describe(self) -> str:
-        n = 0 if self.context_latents is None else len(self.context_latents)
-        return self.task + (f" ({cli.plural(n, 'context latent frame')})" if n else "")
-
-    def sample(self, noise, context, steps, *, guidance=None, neg_context=None, **_):
-        import jax.numpy as jnp
-
-        from anyflow_jax.flow.causal_sampling import causal_sample
-        from anyflow_jax.inference import default_guidance
-        gen = self.gen
-        g = default_guidance(gen.kind) if guidance is None else float(guidance)
-        ctx_lat = None
-        if self.context_latents is not None:
-            ctx_lat = jnp.broadcast_to(jnp.asarray(self.context_latents), (noise.shape[0],) + self.context_latents.shape)
-        return causal_sample(gen.model, gen.params, noise, context, num_steps=int(steps), shift=gen.shift,
-                             guidance_scale=g, neg_context=neg_context, context_latents=ctx_lat,
-                             use_mean_velocity=gen.kind != "teacher")
-
-
-def _causal_sampler(gen, opts, shape, log=None):
-    """A :class:`_CausalSampler` for a FAR checkpoint (None for a bidirectional one, which takes
-    no ``--task``)."""
-    from anyflow_jax.models.far_wan import FarWanTransformer3D
-    if not isinstance(gen.model, FarWanTransformer3D):
+def _causal_task(gen, opts, shape, log=None):
+    """``(description, context latents or None)`` of a FAR checkpoint's task (``None`` for a
+    bidirectional one, which takes no ``--task``). The generator itself samples chunk by chunk
+    (its causal sampler); the context latents, the same for every sample, fill the first
+    chunks."""
+    if not gen.causal:
         if opts["task"] is not None:
             raise UsageError(f"--task/--image/--video need a FAR (chunk-causal) checkpoint; {gen.path} is a "
                              f"bidirectional {gen.kind} model")
         return None
-    if gen.kind == "consistency":
-        raise UsageError("a FAR checkpoint samples with the flow-map (or teacher) sampler, not consistency")
     ctx = _context_latents(gen.model, opts, shape, log)
-    return _CausalSampler(gen, opts["task"] or "t2v", ctx)
+    n = 0 if ctx is None else len(ctx)
+    return (opts["task"] or "t2v") + (f" ({cli.plural(n, 'context latent frame')})" if n else ""), ctx
 
 
 def _steps_label(s: int) -> str:
@@ -730,8 +703,8 @@ def run(args) -> str:
     conditions, labels, neg, shape, guidance = _resolve(gen, args, opts)
     if text:
         labels = [opts["text_prompts"][n] for n in conditions]
-    sampler = _causal_sampler(gen, opts, shape, log=log)  # a FAR checkpoint samples chunk by chunk
-    causal = f", causal {sampler.describe()}" if sampler is not None else ""
+    task = _causal_task(gen, opts, shape, log=log)  # a FAR checkpoint samples chunk by chunk
+    causal = f", causal {task[0]}" if task is not None else ""
 
     total = len(conditions) * args.num_samples * len(opts["steps"])
     disable = cli.progress_disable(getattr(args, "progress", None))
@@ -740,16 +713,17 @@ def run(args) -> str:
             bar.set_postfix_str(_steps_label(steps))
             bar.update(n)
 
-        videos = inference.sample_videos(sampler or gen, opts["steps"], conditions, num_samples=args.num_samples, seed=args.seed,
-                               guidance=guidance, neg_context=neg, video_shape=shape,
-                               batch_size=args.batch_size or None, progress=progress)
+        videos = inference.sample_videos(gen, opts["steps"], conditions, num_samples=args.num_samples, seed=args.seed,
+                                         guidance=guidance, neg_context=neg, video_shape=shape,
+                                         batch_size=args.batch_size or None, progress=progress,
+                                         context_latents=task[1] if task is not None else None)
     bad = sum(int(not np.all(np.isfinite(v))) for v in videos.values())
     if bad:
         print(f"warning: {bad} of {len(videos)} samples have non-finite values", file=sys.stderr)
 
     decode, kind = None, gen.kind
     if text:
-        del gen, sampler  # the transformer's memory goes to the VAE
+        del gen  # the transformer's memory goes to the VAE
         import gc
         gc.collect()
         from anyflow_jax.text_to_video import VideoDecoder

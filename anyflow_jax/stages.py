@@ -91,6 +91,15 @@ def _causal_flow_map(model, params, noise, context, *, num_steps, shift, guidanc
                                          grid=grid, context_latents=context_latents)
 
 
+def _causal_teacher(model, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None,
+                    context_latents=None):
+    del keys
+    from anyflow_jax.flow import causal_sampling
+    return causal_sampling.causal_sample(model, params, noise, context, num_steps=num_steps, shift=shift,
+                                         guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None,
+                                         grid=grid, context_latents=context_latents, use_mean_velocity=False)
+
+
 def _consistency(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
     del guidance, neg_context
     return sampling.consistency_sample(apply_fn, params, noise, context, key=keys, num_steps=num_steps, shift=shift,
@@ -109,6 +118,9 @@ SAMPLERS: dict[str, Sampler] = {
         # chunks before it (re-encoded per chunk); guidance fused, as the bidirectional student
         Sampler("causal_flow_map", _causal_flow_map, 1.0, flow_map_model=True, causal=True,
                 description="chunk-by-chunk any-step flow-map jumps with the KV cache (FAR)"),
+        # a single-time FAR network: the same chunk loop with Euler steps (r = t) and CFG
+        Sampler("causal_teacher", _causal_teacher, 3.0, causal=True,
+                description="chunk-by-chunk Euler ODE steps with the KV cache (a single-time FAR network), CFG"),
     )
 }
 
@@ -121,12 +133,12 @@ def get_sampler(name: str) -> Sampler:
 
 def kind_matches(found: str, declared: str) -> bool:
     """Whether a checkpoint of sampler kind ``found`` may be loaded as ``declared``: the same kind,
-    or ``flow_map`` declared for a causal flow-map checkpoint (a FAR student, which always samples
-    chunk by chunk)."""
+    or the bidirectional kind declared for a causal checkpoint (``flow_map`` for a FAR student,
+    ``teacher`` for a single-time FAR network: a FAR network always samples chunk by chunk)."""
     if found == declared:
         return True
     s = SAMPLERS.get(found)
-    return s is not None and s.causal and s.flow_map_model and declared == "flow_map"
+    return s is not None and s.causal and declared == ("flow_map" if s.flow_map_model else "teacher")
 
 
 # ------------------------------------------------------------------------------------ objectives

@@ -224,3 +224,32 @@ def test_causal_sampling_on_a_mesh_matches_one_device():
     assert len(got.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(got)[:, :1], first)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_a_single_time_far_network_samples_with_the_causal_teacher_sampler(tmp_path):
+    """A FAR network without the delta embedder (a causal teacher) loads as ``causal_teacher``:
+    chunk by chunk, Euler steps with r = t and CFG 3 by default, I2V included, the same video as
+    ``causal_sample(use_mean_velocity=False)``; ``--kind teacher`` is accepted for it and a
+    bidirectional sampler kind refused."""
+    from anyflow_jax import inference
+    from anyflow_jax.checkpoints.diffusers import save_transformer
+    from anyflow_jax.errors import RunError
+    model = FarWanTransformer3D(**dict(CFG, flow_map=False))
+    abstract = nn.meta.unbox(model.abstract_params())
+    rng = np.random.RandomState(1)
+    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.randn(*s.shape), s.dtype), abstract)
+    path = str(tmp_path / "far_teacher")
+    save_transformer(path, model, params)
+    gen = inference.load_generator(path)
+    assert gen.kind == "causal_teacher" and gen.causal
+    assert inference.load_generator(path, kind="teacher").kind == "causal_teacher"
+    with pytest.raises(RunError, match="samples chunk by chunk .* not with the consistency sampler"):
+        inference.load_generator(path, kind="consistency")
+    noise, video, ctx, neg = _inputs(5)
+    got = np.asarray(gen.sample(noise, ctx, 2, neg_context=neg, context_latents=video[:, :1]))
+    want = np.asarray(causal_sample(model, gen.params, noise, ctx, num_steps=2, shift=gen.shift, guidance_scale=3.0,
+                                    neg_context=neg, context_latents=video[:, :1], use_mean_velocity=False))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    np.testing.assert_array_equal(got[:, :1], video[:, :1])
+    plain = np.asarray(gen.sample(noise, ctx, 2, guidance=1.0, context_latents=video[:, :1]))
+    assert np.abs(plain - got).max() > 1e-3  # the default guidance (3) is applied
