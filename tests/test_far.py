@@ -317,7 +317,7 @@ def test_scanned_layout_equals_the_static_cache_for_every_chunk_index(full_chunk
         model.apply({"params": params}, z[:, :1], t[:, :1], t[:, :1], ctx, kv_cache=cache)
 
 
-@pytest.mark.parametrize("full_chunk_limit", [2, 1])
+@pytest.mark.parametrize("full_chunk_limit", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_padded_training_layout_equals_the_exact_layout_for_every_chunk_count(full_chunk_limit):
     """The teacher-forced training forward in the padded layout (``num_chunks`` traced: the
     compressed region holds every chunk that can be context, the full chunks sit in

@@ -103,7 +103,7 @@ def _hand_bidirectional_loss(model, params, d):
     return np.mean((pred - (d["bidirectional_eps"] - d["x0"])) ** 2)
 
 
-@pytest.mark.parametrize("layout", ["padded", "switch"])
+@pytest.mark.parametrize("layout", ["padded", pytest.param("switch", marks=pytest.mark.slow)])
 def test_loss_matches_the_section_4_7_recomputation_with_one_program_across_chunk_counts(layout):
     """Both layouts of a traced chunk count: ``padded`` (one shape; chunks [1, 2] and [2, 1] in
     two slots of 2 frames, one of them padding) and ``switch`` (a branch per count)."""
