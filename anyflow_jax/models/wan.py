@@ -103,16 +103,27 @@ class Dense(nn.Module):
         return _dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
-def _dense(x, kernel, bias):
-    """``x @ kernel + bias`` over the last axis, as one 2-D matmul on ``(tokens, features)``.
-
-    Written as ``einsum('...i,io->...o')``, the kernel's gradient is a dot contracting two axes
-    (batch and tokens) that XLA:CPU lowers with a transposed copy of the output gradient and a
-    slower matmul path; on the flattened 2-D view it is a plain ``x^T @ dy`` (see
-    docs/benchmarks.md). The values are the same."""
+def _dense_flat(x, kernel):
     lead = x.shape[:-1]
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel) + bias
-    return y.reshape(lead + (kernel.shape[-1],))
+    return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(lead + (kernel.shape[-1],))
+
+
+def _dense_nd(x, kernel):
+    return jnp.einsum("...i,io->...o", x, kernel)
+
+
+def _dense(x, kernel, bias):
+    """``x @ kernel + bias`` over the last axis; the matmul's form depends on the platform the
+    program is lowered for (``jax.lax.platform_dependent``; the values are the same):
+
+    - CPU: one 2-D matmul on the flattened ``(tokens, features)`` view. Written as an einsum, the
+      kernel's gradient is a dot contracting two axes (batch and tokens) that XLA:CPU lowers with
+      a transposed copy of the output gradient and a slower matmul path; flattened it is a plain
+      ``x^T @ dy`` (docs/benchmarks.md, issue 12).
+    - TPU/GPU: ``einsum('...i,io->...o')``, which keeps the batch and token axes (and their
+      shardings) apart: the flattened form cost the 14B teacher step on a v5p-64 slice (FSDP x
+      tensor parallelism) 26.6 GiB per chip instead of 19.7 (docs/benchmarks.md)."""
+    return jax.lax.platform_dependent(x, kernel, cpu=_dense_flat, default=_dense_nd) + bias
 
 
 def _layer_norm(x, eps, scale=None, bias=None):
