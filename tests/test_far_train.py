@@ -106,7 +106,8 @@ def _hand_bidirectional_loss(model, params, d):
 @pytest.mark.parametrize("layout", ["padded", pytest.param("switch", marks=pytest.mark.slow)])
 def test_loss_matches_the_section_4_7_recomputation_with_one_program_across_chunk_counts(layout):
     """Both layouts of a traced chunk count: ``padded`` (one shape; chunks [1, 2] and [2, 1] in
-    two slots of 2 frames, one of them padding) and ``switch`` (a branch per count)."""
+    two slots of 2 frames, one of them padding) and ``switch`` (a branch per count; slow, with
+    the padded layout's gradients against the switch's)."""
     model, params, d = _setup()
     causal, bidirectional = _applies(model)
     extra = dict(chunk_layout=layout, causal_apply_at=_padded(model) if layout == "padded" else None)
@@ -134,7 +135,7 @@ def test_loss_matches_the_section_4_7_recomputation_with_one_program_across_chun
         np.testing.assert_allclose(got[n, True][2], bi, rtol=1e-5)
         np.testing.assert_allclose(got[n, True][0], got[n, True][1] + got[n, True][2], rtol=1e-6)
     assert got[2, False][1] != got[3, False][1]  # compressed context changes the full chunks' loss
-    if layout == "padded":  # the padding frames reach neither the loss nor its gradient
+    if layout == "switch":  # the padded layout's padding frames reach neither the loss nor its gradient
         def grad(layout_, **kw):
             return jax.jit(jax.grad(lambda p, n: causal_flow_map_loss(
                 causal, bidirectional, p, dict(d, num_chunks=n, bidirectional=False), jax.random.key(0), **OPTS,
