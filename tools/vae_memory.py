@@ -105,6 +105,11 @@ def analyse(latents, chunk):
     compiled = _decode_fn(model, chunk).lower(abstract, z).compile()
     res = {"latents": [1, f, h, w, model.z_dim], "chunk": chunk, "compile_s": round(time.time() - t0, 1)}
     res.update(_analysis(compiled) or {})
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost:  # XLA counts a loop body once: only the chunk=None decode (no scan) is the whole decode
+        res["flops"] = float(cost.get("flops", 0.0))
+        res["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
     return res
 
 
