@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 from typing import Any, Callable, Mapping
 
@@ -82,22 +83,14 @@ def _flow_map(apply_fn, params, noise, context, *, num_steps, shift, guidance, n
                            guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None, grid=grid)
 
 
-def _causal_flow_map(model, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None,
-                     context_latents=None):
+def _causal(model, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None,
+            context_latents=None, use_mean_velocity=True):
     del keys
     from anyflow_jax.flow import causal_sampling  # the sampler of FAR networks (imports no model code)
     return causal_sampling.causal_sample(model, params, noise, context, num_steps=num_steps, shift=shift,
                                          guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None,
-                                         grid=grid, context_latents=context_latents)
-
-
-def _causal_teacher(model, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None,
-                    context_latents=None):
-    del keys
-    from anyflow_jax.flow import causal_sampling
-    return causal_sampling.causal_sample(model, params, noise, context, num_steps=num_steps, shift=shift,
-                                         guidance_scale=guidance, neg_context=neg_context if guidance != 1.0 else None,
-                                         grid=grid, context_latents=context_latents, use_mean_velocity=False)
+                                         grid=grid, context_latents=context_latents,
+                                         use_mean_velocity=use_mean_velocity)
 
 
 def _consistency(apply_fn, params, noise, context, *, num_steps, shift, guidance, neg_context, keys, grid=None):
@@ -116,10 +109,10 @@ SAMPLERS: dict[str, Sampler] = {
                 description="multistep consistency sampling (re-noising)"),
         # the FAR student: chunk by chunk, each chunk's any-step jumps against the KV cache of the
         # chunks before it (re-encoded per chunk); guidance fused, as the bidirectional student
-        Sampler("causal_flow_map", _causal_flow_map, 1.0, flow_map_model=True, causal=True,
+        Sampler("causal_flow_map", _causal, 1.0, flow_map_model=True, causal=True,
                 description="chunk-by-chunk any-step flow-map jumps with the KV cache (FAR)"),
         # a single-time FAR network: the same chunk loop with Euler steps (r = t) and CFG
-        Sampler("causal_teacher", _causal_teacher, 3.0, causal=True,
+        Sampler("causal_teacher", functools.partial(_causal, use_mean_velocity=False), 3.0, causal=True,
                 description="chunk-by-chunk Euler ODE steps with the KV cache (a single-time FAR network), CFG"),
     )
 }
