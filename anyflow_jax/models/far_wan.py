@@ -275,6 +275,16 @@ class FarWanTransformer3D(WanTransformer3D):
         cos, sin = self._rope(range(comp_frames), h // qh, w // qw, qh // ph)
         return jnp.asarray(cos), jnp.asarray(sin)
 
+    def _compressed_tokens(self, latents, frames, far_patch_embedding):
+        """``far_patch_embedding`` tokens of the first ``frames`` latent frames (the compressed
+        context; a strided conv drops rows and columns past the last whole patch)."""
+        h, w = latents.shape[2:4]
+        _, qh, qw = self.compressed_patch_size
+        if h // qh == 0 or w // qw == 0:
+            raise ValueError(f"latents {h}x{w} are smaller than compressed_patch_size {self.compressed_patch_size}")
+        ctx_latents = latents[:, :frames, :(h // qh) * qh, :(w // qw) * qw]
+        return far_patch_embedding(patchify(ctx_latents, self.compressed_patch_size))
+
     def _slot_encode(self, latents, c, embed, patch_embedding, far_patch_embedding):
         """The scanned layout's cache encoding at chunk index ``c`` from the video buffer
         ``latents`` (B, F_buf, H, W, C): frames from chunk ``c`` on are ignored."""
@@ -292,10 +302,7 @@ class FarWanTransformer3D(WanTransformer3D):
         comp_valid, win_valid, _, win_pos, _ = self._slot_validity(c, h, w)
         tokens, segments, bounds = [], [], []
         if comp_frames:
-            if h // qh == 0 or w // qw == 0:
-                raise ValueError(f"latents {h}x{w} are smaller than compressed_patch_size {self.compressed_patch_size}")
-            ctx_latents = latents[:, :comp_frames, :(h // qh) * qh, :(w // qw) * qw]
-            tokens.append(far_patch_embedding(patchify(ctx_latents, self.compressed_patch_size)))
+            tokens.append(self._compressed_tokens(latents, comp_frames, far_patch_embedding))
             segments.append((comp_frames, tc))
             bounds += [int(x) * tc for x in starts[1:n_comp + 1]]
         if win:
@@ -394,10 +401,7 @@ class FarWanTransformer3D(WanTransformer3D):
         comp_valid = jnp.arange(comp_frames, dtype=jnp.int32) < jnp.asarray(starts)[jnp.maximum(n - fcl, 0)]
         tokens, segments = [], []
         if comp_frames:
-            if h // qh == 0 or w // qw == 0:
-                raise ValueError(f"latents {h}x{w} are smaller than compressed_patch_size {self.compressed_patch_size}")
-            ctx_latents = latents[:, :comp_frames, :(h // qh) * qh, :(w // qw) * qw]
-            tokens.append(far_patch_embedding(patchify(ctx_latents, self.compressed_patch_size)))
+            tokens.append(self._compressed_tokens(latents, comp_frames, far_patch_embedding))
             segments.append((comp_frames, tc))
         tokens.append(patch_embedding(patchify(jnp.concatenate([latents[:, comp_frames:], clean], 1),
                                                self.patch_size)))
@@ -504,8 +508,7 @@ class FarWanTransformer3D(WanTransformer3D):
                              "next chunk, so it holds at most all chunks but the last")
         comp, full = chunk_layout(chunks, self.full_chunk_limit - 1 if encode_cache else self.full_chunk_limit)
         ncf, nff = sum(comp), sum(full)
-        if ncf and (h // qh == 0 or w // qw == 0):
-            raise ValueError(f"latents {h}x{w} are smaller than compressed_patch_size {self.compressed_patch_size}")
+
         if clean is not None and tuple(clean.shape) != (b, nff, h, w, c):
             raise ValueError(f"clean (the clean copy of the full frames) must be {(b, nff, h, w, c)}; "
                              f"got {tuple(clean.shape)}")
@@ -515,8 +518,7 @@ class FarWanTransformer3D(WanTransformer3D):
         if r is not None:
             r_parts = [r[:, :ncf], r[:, ncf:]]
         if ncf:
-            ctx_latents = latents[:, :ncf, :(h // qh) * qh, :(w // qw) * qw]  # a strided conv drops the rest
-            tokens.append(far_patch_embedding(patchify(ctx_latents, self.compressed_patch_size)))
+            tokens.append(self._compressed_tokens(latents, ncf, far_patch_embedding))
             segments.append((ncf, tc))
         if nff:  # (a cache encoding with full_chunk_limit 1 has no full frames)
             tokens.append(patch_embedding(patchify(latents[:, ncf:], self.patch_size)))
