@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -78,13 +79,23 @@ def parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
+# YAML 1.1 (PyYAML) reads "2e-3" as a string (its floats need a dot): numbers in scientific
+# notation are floats here, as a user writing --override optim.lr=2e-3 means
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_overrides(items) -> dict:
+    """``FIELD=VALUE`` items as ``{field: value}``, each value read as YAML (``true``, ``[1, 2]``,
+    ``0.5``) with scientific notation (``2e-3``) as a float."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise RunError(f"--override expects FIELD=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _SCIENTIFIC.match(parsed.strip()):
+            parsed = float(parsed)
+        out[key.strip()] = parsed
     return out
 
 

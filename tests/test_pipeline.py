@@ -64,6 +64,16 @@ def test_pipeline_rejects_bad_arguments(tmp_path, capsys):
     assert "--override model.nope: config.model.nope is not a config field" in capsys.readouterr().err
 
 
+def test_override_values_are_yaml_with_scientific_notation_as_floats():
+    got = pipeline.parse_overrides(["optim.lr=2e-3", "a=1E5", "b=-.5e+2", "c=0.5", "d=true", "e=[1, 2]", "f=e5",
+                                    "g=1e-3x"])
+    assert got == {"optim.lr": 0.002, "a": 100000.0, "b": -50.0, "c": 0.5, "d": True, "e": [1, 2], "f": "e5",
+                   "g": "1e-3x"}
+    assert isinstance(got["optim.lr"], float)
+    cfg = pipeline.stage_config("teacher", "/tmp/x", {"optim.lr": got["optim.lr"]})
+    assert cfg.optim.lr == 0.002
+
+
 @pytest.mark.slow
 def test_seeds_run_one_pipeline_each(tmp_path, capsys):
     root = str(tmp_path / "toy")
