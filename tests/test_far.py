@@ -272,7 +272,7 @@ def test_kv_cache_forward_equals_the_full_chunk_causal_forward():
         model.apply({"params": params}, x, t, r, ctx, encode_cache=True)
 
 
-@pytest.mark.parametrize("full_chunk_limit", [2, 1])
+@pytest.mark.parametrize("full_chunk_limit", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_scanned_layout_equals_the_static_cache_for_every_chunk_index(full_chunk_limit):
     """The scanned layout (one program, the chunk index traced: fixed-size compressed region and
     window slots, the chunk padded to the largest chunk) gives every chunk the velocity of the

@@ -75,7 +75,7 @@ def _recompute(params, noise, ctx, num_steps, context_latents=None, guidance=1.0
     return out
 
 
-@pytest.mark.parametrize("chunk_loop", ["scan", "unrolled"])
+@pytest.mark.parametrize("chunk_loop", ["scan", pytest.param("unrolled", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("n_context", [0, 1, 3], ids=["t2v", "i2v", "v2v"])
 def test_kv_cache_sampling_equals_the_recomputed_chunk_causal_forward(n_context, chunk_loop):
     model, params = _net()

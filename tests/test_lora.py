@@ -193,7 +193,7 @@ def test_gradients_and_optimizer_state_only_for_adapters_base_unchanged():
     assert np.abs(np.asarray(q2.lora_A) - np.asarray(q0.lora_A)).max() > 0  # moves once B is non-zero
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_in_network_merge_equals_merge_outside(scan_layers):
     """``network_apply`` (each layer merges its own kernel, one scanned layer at a time) gives the
     values and adapter gradients of merging the whole base up front (``lora_apply``), for a

@@ -133,7 +133,7 @@ def test_xla_attention_supports_forward_mode_ad():
     assert np.abs(np.asarray(fd) - np.asarray(jvp)).max() < 0.05 * np.abs(np.asarray(jvp)).max()
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "attn_out"])
+@pytest.mark.parametrize("policy", ["full", "dots", pytest.param("attn_out", marks=pytest.mark.slow)])
 def test_remat_policies_keep_values_and_gradients(policy):
     x, t, ctx = _inputs()
     base = WanTransformer3D(**CFG, flow_map=True)

@@ -34,7 +34,7 @@ def test_logical_to_spec_rules():
         parallel.logical_to_spec(("bogus",), (8,), mesh)
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_sharded_forward_equals_single_device(scan):
     model = WanTransformer3D(**CFG, scan_layers=scan)
     params = perturbed(model.init_params(jax.random.key(0)), 1, 0.1)
