@@ -182,14 +182,19 @@ def _unboxed(tree):
     return nn.meta.unbox(tree)
 
 
-def _kernel(base, path: Path):
+def _array_leaf(base, path: Path, what: str):
+    """The array leaf of ``base`` at ``path``; :class:`LoraError` naming ``what`` otherwise."""
     try:
         w = _get(base, path)
     except KeyError as e:
-        raise LoraError(f"LoRA target {'/'.join(path)!r} is not a parameter of the base "
-                        f"(no {e.args[0]!r})") from None
+        raise LoraError(f"{what} is not a parameter of the base (no {e.args[0]!r})") from None
     if isinstance(w, Mapping) or not hasattr(w, "shape"):
-        raise LoraError(f"LoRA target {'/'.join(path)!r} is not an array leaf of the base")
+        raise LoraError(f"{what} is not an array leaf of the base")
+    return w
+
+
+def _kernel(base, path: Path):
+    w = _array_leaf(base, path, f"LoRA target {'/'.join(path)!r}")
     if len(w.shape) < 2:
         raise LoraError(f"LoRA target {'/'.join(path)!r} has shape {tuple(w.shape)}; a kernel needs "
                         f"at least 2 axes (..., in, out)")
@@ -236,13 +241,7 @@ def init_adapters(key: jax.Array, base_params, targets: Iterable, rank: int, alp
     if len(set(full_paths)) != len(full_paths):
         raise LoraError(f"leaves listed twice as trained in full: {['/'.join(p) for p in full_paths]}")
     for path in full_paths:
-        try:
-            leaf = _get(base, path)
-        except KeyError as e:
-            raise LoraError(f"{'/'.join(path)!r} (trained in full) is not a parameter of the base "
-                            f"(no {e.args[0]!r})") from None
-        if isinstance(leaf, Mapping) or not hasattr(leaf, "shape"):
-            raise LoraError(f"{'/'.join(path)!r} (trained in full) is not an array leaf of the base")
+        leaf = _array_leaf(base, path, f"{'/'.join(path)!r} (trained in full)")
         _set_new(out, path, DenseDelta(jnp.zeros(tuple(leaf.shape), dtype)))
     return out
 

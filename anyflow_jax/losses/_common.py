@@ -91,3 +91,17 @@ def unpack_data_batch(batch) -> tuple[Any, jax.Array, Any, Any]:
     if context is not None:
         check_context(context, x0.shape[0], "batch['context']")
     return batch, x0, context, neg_context
+
+
+def resolve_choice(name: str, value, choices, *, available: bool, preferred: str, fallback: str,
+                   needs: str) -> str:
+    """A layout option checked: ``None`` means ``preferred`` when the functions it needs are
+    ``available``, else ``fallback``; ``preferred`` without them is an error naming ``needs``."""
+    if value is None:
+        return preferred if available else fallback
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    if value == preferred and not available:
+        raise ValueError(f"{name}={preferred!r} needs {needs}")
+    return value
+

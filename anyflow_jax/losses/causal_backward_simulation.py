@@ -85,14 +85,9 @@ def chunk_starts(chunk_partition: Sequence[int]) -> tuple[int, ...]:
 def resolve_chunk_loop(chunk_loop: Optional[str], has_scan: bool) -> str:
     """``chunk_loop`` checked: ``None`` means ``"scan"`` when the student gives the scanned
     layout's functions, else ``"unrolled"``."""
-    if chunk_loop is None:
-        return "scan" if has_scan else "unrolled"
-    if chunk_loop not in CHUNK_LOOPS:
-        raise ValueError(f"chunk_loop must be one of {CHUNK_LOOPS}, got {chunk_loop!r}")
-    if chunk_loop == "scan" and not has_scan:
-        raise ValueError("chunk_loop='scan' needs the student's scanned-layout functions (encode_at, "
-                         "chunk_apply_at)")
-    return chunk_loop
+    return C.resolve_choice("chunk_loop", chunk_loop, CHUNK_LOOPS, available=has_scan, preferred="scan",
+                            fallback="unrolled", needs="the student's scanned-layout functions (encode_at, "
+                                                       "chunk_apply_at)")
 
 
 def causal_backward_simulation(

@@ -115,14 +115,9 @@ CHUNK_LAYOUTS = ("padded", "switch")
 def resolve_chunk_layout(chunk_layout: Optional[str], have_padded: bool) -> str:
     """The causal stage-1 loss's layout for a traced chunk count: ``chunk_layout`` checked, or
     ``"padded"`` when the padded apply function is given, else ``"switch"``."""
-    if chunk_layout is None:
-        return "padded" if have_padded else "switch"
-    if chunk_layout not in CHUNK_LAYOUTS:
-        raise ValueError(f"chunk_layout must be one of {', '.join(map(repr, CHUNK_LAYOUTS))}, got {chunk_layout!r}")
-    if chunk_layout == "padded" and not have_padded:
-        raise ValueError("chunk_layout='padded' needs causal_apply_at (the network's padded training forward, "
-                         "num_chunks traced)")
-    return chunk_layout
+    return C.resolve_choice("chunk_layout", chunk_layout, CHUNK_LAYOUTS, available=have_padded, preferred="padded",
+                            fallback="switch", needs="causal_apply_at (the network's padded training forward, "
+                                                  "num_chunks traced)")
 
 
 def _is_static_int(x) -> bool:
