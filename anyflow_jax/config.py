@@ -59,6 +59,10 @@ class EmaConfig:
     warmup_steps: int = 1000
 
 
+# the learning-rate schedules of OptimConfig.schedule (training/optim.py's lr_schedule)
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     lr: float = 5e-5
@@ -69,10 +73,17 @@ class OptimConfig:
     warmup_steps: int = 1000
     grad_clip: float = 1.0
     trainable_patterns: tuple = ()  # regexes on parameter paths; empty = everything
+    # after the warmup: "constant" (the reference's), or "cosine" / "linear" decay to 0 at update
+    # decay_steps (0: train.steps); ours, not the reference's
+    schedule: str = "constant"
+    decay_steps: int = 0
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         return dict(lr=self.lr, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay, eps=self.eps,
-                    warmup_steps=self.warmup_steps, grad_clip=self.grad_clip)
+                    warmup_steps=self.warmup_steps, grad_clip=self.grad_clip, **self.schedule_kwargs())
+
+    def schedule_kwargs(self) -> dict[str, Any]:
+        return dict(schedule=self.schedule, decay_steps=self.decay_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +317,11 @@ def parse(config: Any) -> RunConfig:
         if node is not None and not hasattr(node, "keys"):
             raise RunError(f"config.{name} must be a section (a ConfigDict), got {node!r}")
         free[name] = dict(node.to_dict() if hasattr(node, "to_dict") else (node or {}))
+    steps = sections["train"].steps
+    if not sections["optim"].decay_steps:
+        sections["optim"] = dataclasses.replace(sections["optim"], decay_steps=steps)
+    if critic_optim is not None and not critic_optim.decay_steps:
+        critic_optim = dataclasses.replace(critic_optim, decay_steps=steps)
     run = RunConfig(stage=record.name, seed=seed, critic_optim=critic_optim,
                     loss=record.loss_options(free["loss"]),
                     critic_loss=record.loss_options(free["critic_loss"], critic=True) if record.has_critic else {},
@@ -332,6 +348,13 @@ def _check_values(c: RunConfig) -> None:
             raise RunError(f"config.{name}.lr must be positive, got {o.lr}")
         if o.warmup_steps < 0:
             raise RunError(f"config.{name}.warmup_steps must be >= 0, got {o.warmup_steps}")
+        if o.schedule not in LR_SCHEDULES:
+            raise RunError(f"config.{name}.schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                           f"got {o.schedule!r}")
+        if o.schedule != "constant" and o.decay_steps <= o.warmup_steps:
+            raise RunError(f"config.{name}.schedule={o.schedule!r} decays to 0 at config.{name}.decay_steps "
+                           f"({o.decay_steps}), which must be larger than config.{name}.warmup_steps "
+                           f"({o.warmup_steps})")
     if not 0.0 <= c.ema.decay <= 1.0:
         raise RunError(f"config.ema.decay must be in [0, 1], got {c.ema.decay}")
     e = c.eval

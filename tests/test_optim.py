@@ -97,6 +97,41 @@ def test_lr_schedule_matches_constant_with_warmup():
         optim.lr_schedule(1e-3, -1)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_decaying_lr_schedules_match_transformers(kind):
+    """The decays after the warmup are transformers' get_{cosine,linear}_schedule_with_warmup, stepped
+    as LambdaLR steps them (update k uses the factor at k), traced or not; the optimizer uses them."""
+    import torch
+    import transformers
+
+    lr, warmup, total = 1e-3, 10, 50
+    make = {"cosine": transformers.get_cosine_schedule_with_warmup,
+            "linear": transformers.get_linear_schedule_with_warmup}[kind]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make(opt, num_warmup_steps=warmup, num_training_steps=total)
+    want = []
+    for _ in range(total + 5):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = optim.lr_schedule(lr, warmup, kind, decay_steps=total)
+    got = np.asarray(jax.jit(ours)(jnp.arange(total + 5)))
+    # (past decay_steps transformers' cosine rises again; ours stays at 0)
+    np.testing.assert_allclose(got[:total + 1], want[:total + 1], rtol=1e-5, atol=1e-9)
+    assert (got[total:] == 0.0).all()
+    assert got[warmup] == pytest.approx(lr) and got[total] == 0.0 and got[(warmup + total) // 2] < 0.75 * lr
+    # the optimizer's scheduled lr: plain SGD-like AdamW steps shrink to 0 at the end of the decay
+    tx = optim.make_optimizer(lr=lr, b1=0.0, b2=0.0, weight_decay=0.0, eps=0.0, warmup_steps=warmup,
+                              grad_clip=None, schedule=kind, decay_steps=total)
+    hist, _ = _run_optax(tx, {"w": np.zeros(1, np.float32)}, [{"w": np.ones(1, np.float32)}] * (total + 2))
+    steps = -np.diff([0.0] + [float(h["w"][0]) for h in hist])
+    np.testing.assert_allclose(steps, got[:total + 2], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="decay_steps > warmup_steps"):
+        optim.lr_schedule(lr, warmup, kind, decay_steps=warmup)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        optim.lr_schedule(lr, warmup, "step")
+
+
 # ----------------------------------------------------------------------------- AdamW
 @pytest.mark.parametrize("hp", [
     dict(lr=1e-2, b1=0.9, b2=0.95, wd=0.1, warmup=3, eps=1e-8),   # stage 0/1 betas, with decay

@@ -138,6 +138,7 @@ def test_parse_reads_every_toy_and_wan_config_into_the_schema():
     ("data.source", "webdataset", "config.data.source='webdataset'"),
     ("loss.shfit", 3.0, "config.loss.shfit is not an option of flow_map_loss; did you mean config.loss.shift?"),
     ("init.student", "", "config.init.student is empty"),
+    ("optim.schedule", "step", "config.optim.schedule must be one of constant, cosine, linear, got 'step'"),
 ])
 def test_config_mistakes_name_the_field(field, value, message):
     c = toy_config("flow_map").to_dict()  # a ConfigDict refuses values of another type itself
@@ -146,6 +147,18 @@ def test_config_mistakes_name_the_field(field, value, message):
     with pytest.raises(RunError) as e:
         config_lib.parse(c)
     assert message in str(e.value)
+
+
+def test_decaying_schedule_ends_at_train_steps_unless_told():
+    c = toy_config("flow_map")
+    c.optim.schedule = "cosine"
+    run = config_lib.parse(c)
+    assert run.optim.decay_steps == c.train.steps == 400
+    c.optim.decay_steps = 300
+    assert config_lib.parse(c).optim.decay_steps == 300
+    c.optim.decay_steps = c.optim.warmup_steps  # nothing left to decay over
+    with pytest.raises(RunError, match=r"config.optim.schedule='cosine' decays to 0 at config.optim.decay_steps \(20\)"):
+        config_lib.parse(c)
 
 
 def test_config_unknown_section_and_renamed_dmd_option():

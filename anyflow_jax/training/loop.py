@@ -464,7 +464,7 @@ def _step_spec(cfg, record, student, teacher, tx, critic_tx, mask, critic_mask, 
         stage=record, student=student, teacher=teacher, loss_options=cfg.loss,
         critic_loss_options=cfg.critic_loss, tx=tx, critic_tx=critic_tx, trainable_mask=mask, critic_mask=critic_mask,
         ema_decay=cfg.ema.decay, ema_warmup_steps=cfg.ema.warmup_steps,
-        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps),
+        lr_fn=optim.lr_schedule(cfg.optim.lr, cfg.optim.warmup_steps, **cfg.optim.schedule_kwargs()),
         critic_update_ratio=cfg.train.critic_update_ratio, lora=lora)
 
 

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from anyflow_jax.config import LR_SCHEDULES
+
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6).
@@ -39,29 +41,49 @@ _TORCH_CLIP_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- schedule
-def lr_schedule(lr: float, warmup_steps: int) -> Callable[[Any], jax.Array]:
-    """``count -> learning rate`` of ``get_constant_schedule_with_warmup(optimizer, warmup)``.
+SCHEDULES = LR_SCHEDULES
+
+
+def lr_schedule(lr: float, warmup_steps: int, schedule: str = "constant",
+                decay_steps: int = 0) -> Callable[[Any], jax.Array]:
+    """``count -> learning rate``; ``"constant"`` is ``get_constant_schedule_with_warmup(optimizer, warmup)``.
 
     ``count`` is the 0-based index of the update (the number of updates already applied, i.e.
-    optax's internal count and the train state's step *before* the update). The factor is
+    optax's internal count and the train state's step *before* the update). The warmup factor is
     ``count / max(1, warmup)`` for ``count < warmup`` and 1 afterwards, so update 0 uses lr 0,
     update ``warmup - 1`` uses ``lr * (warmup-1)/warmup`` and update ``warmup`` the full lr.
-    ``warmup_steps == 0`` gives a constant schedule. Works with Python ints and traced arrays.
+    ``warmup_steps == 0`` gives no warmup. Works with Python ints and traced arrays.
+
+    ``schedule`` picks what follows the warmup: ``"constant"`` (the reference's), or a decay to 0
+    at update ``decay_steps`` (``"cosine"``: ``(1 + cos(pi p)) / 2``, ``"linear"``: ``1 - p``, with
+    ``p = (count - warmup) / (decay_steps - warmup)`` clipped to [0, 1]; transformers'
+    ``get_cosine_schedule_with_warmup`` / ``get_linear_schedule_with_warmup``). Not in the
+    reference: ours, for the toy's study (docs/results.md).
     """
     warmup_steps = int(warmup_steps)
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    decay_steps = int(decay_steps)
+    if schedule != "constant" and decay_steps <= warmup_steps:
+        raise ValueError(f"a {schedule} schedule needs decay_steps > warmup_steps; got decay_steps={decay_steps}, "
+                         f"warmup_steps={warmup_steps}")
     lr = float(lr)
 
-    def schedule(count):
+    def fn(count):
         count = jnp.asarray(count)
-        if warmup_steps == 0:
+        if warmup_steps == 0 and schedule == "constant":
             return jnp.full(count.shape, lr, jnp.float32)
-        factor = jnp.where(count < warmup_steps,
-                           count.astype(jnp.float32) / float(max(1, warmup_steps)), 1.0)
+        c = count.astype(jnp.float32)
+        after = jnp.ones_like(c)
+        if schedule != "constant":
+            p = jnp.clip((c - warmup_steps) / float(decay_steps - warmup_steps), 0.0, 1.0)
+            after = 0.5 * (1.0 + jnp.cos(jnp.pi * p)) if schedule == "cosine" else 1.0 - p
+        factor = jnp.where(count < warmup_steps, c / float(max(1, warmup_steps)), after) if warmup_steps else after
         return (lr * factor).astype(jnp.float32)
 
-    return schedule
+    return fn
 
 
 # ----------------------------------------------------------------------------- trainable subset
@@ -141,9 +163,9 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(*, lr: float, b1: float, b2: float, weight_decay: float, eps: float = 1e-8,
-                   warmup_steps: int, grad_clip: float | None,
-                   mask: Any = None) -> optax.GradientTransformation:
-    """AdamW (PyTorch semantics) with warmup-then-constant lr, after global-norm clipping.
+                   warmup_steps: int, grad_clip: float | None, schedule: str = "constant",
+                   decay_steps: int = 0, mask: Any = None) -> optax.GradientTransformation:
+    """AdamW (PyTorch semantics) with the lr of :func:`lr_schedule`, after global-norm clipping.
 
     ``mask`` (from :func:`trainable_mask`; ``None`` = all trainable) selects the trained leaves.
     Clipping sees only their gradients; frozen leaves get exactly zero updates and carry no
@@ -154,7 +176,7 @@ def make_optimizer(*, lr: float, b1: float, b2: float, weight_decay: float, eps:
     parts = []
     if grad_clip is not None and float(grad_clip) > 0:
         parts.append(clip_by_global_norm_torch(grad_clip))
-    parts.append(optax.adamw(learning_rate=lr_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps,
+    parts.append(optax.adamw(learning_rate=lr_schedule(lr, warmup_steps, schedule, decay_steps), b1=b1, b2=b2, eps=eps,
                              eps_root=0.0, weight_decay=weight_decay))
     inner = optax.chain(*parts)
     if mask is None:
