@@ -101,6 +101,15 @@ for scan in (True, False):
     check(path, scan, jnp.float32, None)          # bf16 on disk -> fp32 blocks
     if scan:
         check(path, scan, None, True)             # stored dtype; a new flow-map student from a teacher
+        # a new FAR network (far=True): far_patch_embedding resized on the devices, placed with the
+        # FAR network's shardings, the same bits as the single-device load
+        _, ref = dif.load_transformer(path, far=True, flow_map=True)
+        fm, fp = dif.load_transformer(path, far=True, flow_map=True, mesh=mesh)
+        want = parallel.param_shardings(fm.abstract_params(), mesh)
+        assert jax.tree_util.tree_structure(fp) == jax.tree_util.tree_structure(want) and "far_patch_embedding" in fp
+        jax.tree_util.tree_map(same_bits, ref, fp)
+        assert all(a.sharding == s for a, s in zip(jax.tree_util.tree_leaves(fp), jax.tree_util.tree_leaves(want)))
+        assert not fp["far_patch_embedding"]["kernel"].sharding.is_fully_replicated
     print("ok diffusers", layout, "scan" if scan else "unrolled", flush=True)
 
 if layout == "single":

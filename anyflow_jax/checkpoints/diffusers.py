@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anyflow_jax.checkpoints.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
-from anyflow_jax.models.far_wan import FarWanTransformer3D, make_far_model
+from anyflow_jax.models.far_wan import FarWanTransformer3D, far_model_like, make_far_model
 from anyflow_jax.models.wan import WanTransformer3D
 
 CONFIG_NAME = "config.json"
@@ -307,7 +307,8 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
         other as a :class:`WanTransformer3D`. ``True`` on a non-FAR checkpoint builds a new FAR
         network whose ``far_patch_embedding`` is ``patch_embedding`` trilinearly resized (the
         reference's ``setup_far_model``; ``far_fields`` sets its ``compressed_patch_size``,
-        ``full_chunk_limit``, ``chunk_partition``; not with ``mesh``/``shardings``). ``False``
+        ``full_chunk_limit``, ``chunk_partition``; with ``mesh``/``shardings`` the resize runs on
+        the devices and the new leaves are placed with the FAR network's shardings). ``False``
         requires a non-FAR checkpoint.
       model_kwargs: runtime fields of :class:`WanTransformer3D` (``dtype`` = compute dtype,
         ``attention_impl``, ``scan_layers``, ``remat_policy``).
@@ -361,9 +362,6 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
         raise CheckpointError(f"{path}: this is a FAR (chunk-causal) checkpoint with far_patch_embedding; "
                               "it cannot be loaded as a bidirectional Wan transformer (far=False)")
     new_far = far and not ckpt_is_far
-    if new_far and (mesh is not None or shardings is not None):
-        raise ValueError("far=True on a non-FAR checkpoint builds far_patch_embedding on the host; "
-                         "load without mesh/shardings (or convert the checkpoint first)")
     if far_fields and not new_far:
         raise ValueError("far_fields only apply when far=True builds a new FAR network from a non-FAR checkpoint")
     try:
@@ -397,7 +395,20 @@ def load_transformer(path, *, dtype=jnp.float32, flow_map: bool | None = None,
 
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     if mesh is not None or shardings is not None:
+        far_sh = None
+        if new_far:  # the new FAR network's shardings; far_patch_embedding is made on the devices
+            if shardings is None:
+                from anyflow_jax import parallel
+                far_abstract = far_model_like(model, **dict(far_fields or {})).abstract_params()
+                shardings = parallel.param_shardings(far_abstract, mesh, parallel.DEFAULT_RULES if rules is None
+                                                     else rules)
+            shardings = dict(shardings)
+            if "far_patch_embedding" not in shardings:
+                raise ValueError("shardings of a new FAR network (far=True) must include far_patch_embedding")
+            far_sh = shardings.pop("far_patch_embedding")
         params = _load_sharded(model, table, store, new_student, target, mesh, rules, shardings, progress)
+        if new_far:
+            model, params = make_far_model(model, params, shardings=far_sh, **dict(far_fields or {}))
         return model, params
     per_layer: dict[tuple[str, ...], list] = {}
     params: dict = {}

@@ -79,21 +79,30 @@ def _linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def far_patch_kernel(kernel, patch_size: Sequence[int], in_channels: int,
-                     compressed_patch_size: Sequence[int] = COMPRESSED_PATCH_SIZE) -> np.ndarray:
+                     compressed_patch_size: Sequence[int] = COMPRESSED_PATCH_SIZE):
     """The compressed patch embedding's initial kernel from the full one (section 2.4): each
     output feature's ``patch_size`` kernel trilinearly resized to ``compressed_patch_size``
     (``align_corners=False``), without rescaling. Kernels are our per-patch Dense layout
-    ``(pt*ph*pw*C, D)`` (rows ordered pt, ph, pw, C); the bias is copied unchanged."""
+    ``(pt*ph*pw*C, D)`` (rows ordered pt, ph, pw, C); the bias is copied unchanged.
+
+    Computed in float32 (at least) with jax, so a ``jax.Array`` input may be sharded over any
+    mesh, processes included (the result is sharded as the compiler propagates; inside ``jax.jit``
+    pass ``out_shardings``); a NumPy input gives a NumPy result."""
+    import jax
+    import jax.numpy as jnp
+
     pt, ph, pw = (int(x) for x in patch_size)
     qt, qh, qw = (int(x) for x in compressed_patch_size)
-    k = np.asarray(kernel, np.float64)
-    if k.ndim != 2 or k.shape[0] != pt * ph * pw * in_channels:
-        raise ValueError(f"kernel must be ({pt}*{ph}*{pw}*{in_channels}, D), got {k.shape}")
-    d = k.shape[1]
-    k5 = k.reshape(pt, ph, pw, in_channels, d)
-    mt, mh, mw = (_linear_resize_matrix(a, b) for a, b in ((pt, qt), (ph, qh), (pw, qw)))
-    out = np.einsum("ta,hb,wc,abcCd->thwCd", mt, mh, mw, k5)
-    return out.reshape(qt * qh * qw * in_channels, d).astype(np.asarray(kernel).dtype)
+    if len(kernel.shape) != 2 or kernel.shape[0] != pt * ph * pw * in_channels:
+        raise ValueError(f"kernel must be ({pt}*{ph}*{pw}*{in_channels}, D), got {tuple(kernel.shape)}")
+    d = kernel.shape[1]
+    dtype = kernel.dtype
+    compute = jnp.promote_types(dtype, jnp.float32)
+    mt, mh, mw = (jnp.asarray(_linear_resize_matrix(a, b), compute) for a, b in ((pt, qt), (ph, qh), (pw, qw)))
+    k5 = jnp.asarray(kernel).astype(compute).reshape(pt, ph, pw, in_channels, d)
+    out = jnp.einsum("ta,hb,wc,abcCd->thwCd", mt, mh, mw, k5, precision=jax.lax.Precision.HIGHEST)
+    out = out.reshape(qt * qh * qw * in_channels, d).astype(dtype)
+    return np.asarray(out) if isinstance(kernel, np.ndarray) else out
 
 
 # ----------------------------------------------------------------------------------- RoPE

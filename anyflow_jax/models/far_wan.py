@@ -37,6 +37,7 @@ the following ones, and the clean copy its noisy twin's.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -596,20 +597,34 @@ def model_from_config(config: Mapping[str, Any], **overrides) -> WanTransformer3
 
 
 # ------------------------------------------------------------------------------ model surgery
-def make_far_model(model: WanTransformer3D, params, **far_fields) -> tuple[FarWanTransformer3D, Any]:
-    """A Wan DiT (teacher or flow-map student) as a FAR network (the reference's
-    ``setup_far_model``): ``far_patch_embedding`` starts as ``patch_embedding``'s kernels
-    trilinearly resized to ``compressed_patch_size`` (no rescaling) with the bias copied.
-    ``far_fields``: ``compressed_patch_size``, ``full_chunk_limit``, ``chunk_partition``."""
+def far_model_like(model: WanTransformer3D, **far_fields) -> FarWanTransformer3D:
+    """The FAR network with ``model``'s fields and ``far_fields`` (``compressed_patch_size``,
+    ``full_chunk_limit``, ``chunk_partition``), validated; no parameters."""
     fields = {k: getattr(model, k) for k in model.__dataclass_fields__ if k not in ("parent", "name")}
     fields.update(far_fields)
     far_model = FarWanTransformer3D(**fields)
     far_model.validate()
+    return far_model
+
+
+def make_far_model(model: WanTransformer3D, params, *, shardings=None, **far_fields) -> tuple[FarWanTransformer3D, Any]:
+    """A Wan DiT (teacher or flow-map student) as a FAR network (the reference's
+    ``setup_far_model``): ``far_patch_embedding`` starts as ``patch_embedding``'s kernels
+    trilinearly resized to ``compressed_patch_size`` (no rescaling) with the bias copied.
+    ``far_fields``: ``compressed_patch_size``, ``full_chunk_limit``, ``chunk_partition``.
+
+    The resize runs on the devices holding ``patch_embedding``, so sharded (and multi-process)
+    parameters work; ``shardings`` (``{"kernel": ..., "bias": ...}``) places the new leaves."""
+    far_model = far_model_like(model, **far_fields)
     params = dict(params)
     pe = params["patch_embedding"]
-    kernel = far.far_patch_kernel(np.asarray(jax.device_get(pe["kernel"])), far_model.patch_size,
-                                  far_model.in_channels, far_model.compressed_patch_size)
-    params["far_patch_embedding"] = {"kernel": jnp.asarray(kernel), "bias": jnp.copy(pe["bias"])}
+    sh = shardings or {}
+    resize = functools.partial(far.far_patch_kernel, patch_size=far_model.patch_size,
+                               in_channels=far_model.in_channels,
+                               compressed_patch_size=far_model.compressed_patch_size)
+    kernel = jax.jit(resize, out_shardings=sh.get("kernel"))(pe["kernel"])
+    bias = jax.jit(jnp.copy, out_shardings=sh.get("bias"))(pe["bias"])
+    params["far_patch_embedding"] = {"kernel": kernel, "bias": bias}
     return far_model, params
 
 
@@ -621,5 +636,5 @@ def make_apply_fn(model: FarWanTransformer3D, **call_kwargs):
     return apply_fn
 
 
-__all__ = ["FAR_CLASS_NAME", "FarKVCache", "FarSlotCache", "FarWanTransformer3D", "chunk_layout", "is_far_config", "make_apply_fn",
-           "make_far_model", "model_from_config"]
+__all__ = ["FAR_CLASS_NAME", "FarKVCache", "FarSlotCache", "FarWanTransformer3D", "chunk_layout", "far_model_like",
+           "is_far_config", "make_apply_fn", "make_far_model", "model_from_config"]

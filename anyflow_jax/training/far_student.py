@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from anyflow_jax.errors import RunError
-from anyflow_jax.models.far_wan import FarWanTransformer3D, make_far_model
+from anyflow_jax.models.far_wan import FarWanTransformer3D, far_model_like, make_far_model
 
 FAR_FIELDS = ("compressed_patch_size", "full_chunk_limit", "chunk_partition")
 
@@ -27,14 +27,6 @@ def far_fields(model_config: Mapping[str, Any]) -> dict[str, Any]:
             v = model_config[k]
             out[k] = tuple(int(x) for x in v) if k != "full_chunk_limit" else int(v)
     return out
-
-
-def _check(model: FarWanTransformer3D) -> FarWanTransformer3D:
-    try:
-        model.validate()
-    except ValueError as e:
-        raise RunError(f"config.model: {e}") from None
-    return model
 
 
 def to_far(record, cfg, model, params) -> tuple[Any, Any, str | None]:
@@ -67,11 +59,9 @@ def abstract_student(record, cfg, model):
     FAR network when the stage trains one."""
     if not record.student_is_far or isinstance(model, FarWanTransformer3D):
         return model
-    fields = {k: getattr(model, k) for k in model.__dataclass_fields__ if k not in ("parent", "name")}
-    fields.update(far_fields(cfg.model))
     try:
-        return _check(FarWanTransformer3D(**fields))
-    except TypeError as e:
+        return far_model_like(model, **far_fields(cfg.model))
+    except (TypeError, ValueError) as e:
         raise RunError(f"config.model: {e}") from None
 
 
