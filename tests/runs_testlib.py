@@ -35,6 +35,9 @@ def tiny(stage, steps=6, **train):
     c.mesh.update(dict(data=1, fsdp=1, tensor=1))
     c.train.update(dict(steps=steps, log_every=1, checkpoint_every=3, tensorboard=False, async_checkpointing=False))
     c.train.update(train)
+    # no periodic evaluators (tests/test_evaluators.py covers them): the toy's on_policy record
+    # would otherwise train or read a classifier under the working directory's runs/toy/
+    c.eval.every = 0
     if stage == "on_policy":
         c.loss.steps_list = [2, 4]
         c.critic_loss.steps_list = [2, 4]

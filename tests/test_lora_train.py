@@ -33,7 +33,6 @@ ATTN_FFN = 6  # adapted kernels of a teacher (scan layout): attn1 q/k/v/out, ffn
 def lora_config(stage, steps, **train):
     c = tiny(stage, steps=steps, checkpoint_every=1, **train)
     c.lora.update(dict(enabled=True, rank=RANK, alpha=ALPHA))
-    c.eval.every = 0
     return c
 
 
