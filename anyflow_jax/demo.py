@@ -87,4 +87,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from anyflow_jax.cli import hugepage_malloc
+    hugepage_malloc()  # re-executes once with huge-page malloc where that helps (cli.py)
     sys.exit(main())

@@ -106,4 +106,6 @@ __all__ = ["DEFAULT_STEPS", "METRIC_INFO", "METRICS", "MIN_SAMPLES", "PLOT_FILE"
 
 
 if __name__ == "__main__":
+    from anyflow_jax.cli import hugepage_malloc
+    hugepage_malloc()  # re-executes once with huge-page malloc where that helps (cli.py)
     sys.exit(main())

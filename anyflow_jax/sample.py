@@ -775,4 +775,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from anyflow_jax.cli import hugepage_malloc
+    hugepage_malloc()  # re-executes once with huge-page malloc where that helps (cli.py)
     sys.exit(main())

@@ -143,4 +143,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from anyflow_jax.cli import hugepage_malloc
+    hugepage_malloc()  # re-executes once with huge-page malloc where that helps (cli.py)
     app.run(main, flags_parser=parse_flags)

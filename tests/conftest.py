@@ -47,6 +47,14 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# The pytest-xdist workers and the CLI subprocesses the tests start run with huge-page malloc where it
+# helps, as users' commands do (anyflow_jax.cli.hugepage_malloc), set here once so that no CLI run
+# re-executes itself.
+from anyflow_jax import cli as _cli  # noqa: E402  (imports no JAX)
+
+os.environ.update(_cli.hugepage_malloc_env() or {})
+os.environ.pop("_ANYFLOW_JAX_REEXECUTED", None)
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -317,3 +317,63 @@ def test_library_progress_default_is_terminal_only():
     import inspect
     sig = inspect.signature(harness.evaluate)
     assert sig.parameters["progress"].default is None and sig.parameters["overwrite"].default is False
+
+
+# --- huge-page malloc re-execution (cli.hugepage_malloc) ------------------------------------------
+
+def _thp(tmp_path, mode_line: str) -> str:
+    path = tmp_path / "thp_enabled"
+    path.write_text(mode_line + "\n")
+    return str(path)
+
+
+def _glibc_at_least_2_35() -> bool:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    except (AttributeError, ValueError, OSError):
+        return False
+    return name == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc_at_least_2_35(),
+                    reason="the tunable exists on Linux with glibc >= 2.35 only")
+def test_hugepage_malloc_env_decisions(tmp_path):
+    madvise = _thp(tmp_path, "always [madvise] never")
+    env = cli.hugepage_malloc_env({"PATH": "/bin"}, thp_path=madvise)
+    assert env["GLIBC_TUNABLES"] == cli.HUGEPAGE_TUNABLE and env["PATH"] == "/bin"
+    # the user's other tunables are kept, the new one appended
+    env = cli.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp_path=madvise)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + cli.HUGEPAGE_TUNABLE
+    # no re-execution: opted out, already set (by the user or by the re-executed process),
+    # THP always (nothing to gain) or never (nothing to ask for), no THP file at all
+    assert cli.hugepage_malloc_env({cli.HUGEPAGE_OPT_OUT: "0"}, thp_path=madvise) is None
+    assert cli.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, thp_path=madvise) is None
+    assert cli.hugepage_malloc_env(env, thp_path=madvise) is None
+    assert cli.hugepage_malloc_env({}, thp_path=_thp(tmp_path, "[always] madvise never")) is None
+    assert cli.hugepage_malloc_env({}, thp_path=_thp(tmp_path, "always madvise [never]")) is None
+    assert cli.hugepage_malloc_env({}, thp_path=str(tmp_path / "absent")) is None
+
+
+def test_hugepage_malloc_reexecutes_the_same_command_once(tmp_path):
+    """A real re-execution: a ``python -c`` program calls it, comes back as a new process image
+    with the tunable set and the same arguments, and does not re-execute a second time."""
+    madvise = _thp(tmp_path, "always [madvise] never")
+    code = ("import os, sys; from anyflow_jax import cli; "
+            f"cli._THP_ENABLED = {madvise!r}; "
+            "print('start', flush=True); "
+            "cli.hugepage_malloc(); "
+            "print('tunables', os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", cli.HUGEPAGE_OPT_OUT)}
+    out = subprocess.run([sys.executable, "-c", code, "a", "b c"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    if sys.platform.startswith("linux") and _glibc_at_least_2_35():
+        assert lines == ["start", "start", f"tunables {cli.HUGEPAGE_TUNABLE} ['a', 'b c']"]
+    else:  # nothing to gain: the command runs on in the same process
+        assert lines == ["start", "tunables None ['a', 'b c']"]
+    # opted out: one process
+    env[cli.HUGEPAGE_OPT_OUT] = "0"
+    out = subprocess.run([sys.executable, "-c", code, "a"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert out.stdout.splitlines() == ["start", "tunables None ['a']"], out.stderr
