@@ -121,7 +121,18 @@ def cpu_flags() -> None:
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGEPAGE_OPT_OUT = "ANYFLOW_JAX_HUGEPAGE_MALLOC"
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-_REEXEC_MARK = "_ANYFLOW_JAX_REEXECUTED"
+
+
+def glibc_has_hugetlb_tunable() -> bool:
+    """Linux with glibc >= 2.35, the first with the ``glibc.malloc.hugetlb`` tunable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = (int(v) for v in version.split(".")[:2])
+    except (AttributeError, ValueError, OSError):
+        return False
+    return name == "glibc" and (major, minor) >= (2, 35)
 
 
 def hugepage_malloc_env(environ=None, thp_path: str | None = None):
@@ -143,17 +154,10 @@ def hugepage_malloc_env(environ=None, thp_path: str | None = None):
     env = os.environ if environ is None else environ
     if env.get(HUGEPAGE_OPT_OUT, "1").strip().lower() in {"0", "false", "no", "off"}:
         return None
-    if not sys.platform.startswith("linux") or env.get(_REEXEC_MARK):
+    if not glibc_has_hugetlb_tunable():
         return None
     tunables = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables:
-        return None
-    try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-        major, minor = (int(v) for v in version.split(".")[:2])
-    except (AttributeError, ValueError, OSError):
-        return None
-    if name != "glibc" or (major, minor) < (2, 35):
         return None
     try:
         with open(thp_path or _THP_ENABLED) as f:
@@ -165,8 +169,7 @@ def hugepage_malloc_env(environ=None, thp_path: str | None = None):
         return None
     new = dict(env)
     new["GLIBC_TUNABLES"] = f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE
-    new[_REEXEC_MARK] = "1"
-    return new
+    return new  # the re-executed process sees the tunable and does not re-execute again
 
 
 def hugepage_malloc() -> None:
@@ -186,4 +189,5 @@ def hugepage_malloc() -> None:
 
 
 __all__ = ["UsageError", "int_list", "parse_steps", "plural", "missing_dirs", "remove_empty_dirs", "progress_disable",
-           "quiet_logs", "cpu_flags", "hugepage_malloc", "hugepage_malloc_env", "HUGEPAGE_TUNABLE"]
+           "quiet_logs", "cpu_flags", "hugepage_malloc", "hugepage_malloc_env", "glibc_has_hugetlb_tunable",
+           "HUGEPAGE_TUNABLE"]

@@ -53,7 +53,6 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 from anyflow_jax import cli as _cli  # noqa: E402  (imports no JAX)
 
 os.environ.update(_cli.hugepage_malloc_env() or {})
-os.environ.pop("_ANYFLOW_JAX_REEXECUTED", None)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

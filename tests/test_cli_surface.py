@@ -327,15 +327,7 @@ def _thp(tmp_path, mode_line: str) -> str:
     return str(path)
 
 
-def _glibc_at_least_2_35() -> bool:
-    try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-    except (AttributeError, ValueError, OSError):
-        return False
-    return name == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc_at_least_2_35(),
+@pytest.mark.skipif(not cli.glibc_has_hugetlb_tunable(),
                     reason="the tunable exists on Linux with glibc >= 2.35 only")
 def test_hugepage_malloc_env_decisions(tmp_path):
     madvise = _thp(tmp_path, "always [madvise] never")
@@ -368,7 +360,7 @@ def test_hugepage_malloc_reexecutes_the_same_command_once(tmp_path):
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    if sys.platform.startswith("linux") and _glibc_at_least_2_35():
+    if cli.glibc_has_hugetlb_tunable():
         assert lines == ["start", "start", f"tunables {cli.HUGEPAGE_TUNABLE} ['a', 'b c']"]
     else:  # nothing to gain: the command runs on in the same process
         assert lines == ["start", "tunables None ['a', 'b c']"]
