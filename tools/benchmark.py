@@ -1,8 +1,8 @@
 """anyflow-jax against the PyTorch reference (diffusers' ``WanTransformer3DModel``), side by side.
 
-One process, one machine, the same weights on both sides: a diffusers model with random
-weights is written with ``save_pretrained`` and read into ours with ``load_transformer``, so the
-name table and the layout transforms are the ones real checkpoints go through. Sections:
+One machine, the same weights on both sides: a diffusers model with random weights is written
+with ``save_pretrained`` and read into ours with ``load_transformer``, so the name table and the
+layout transforms are the ones real checkpoints go through. Sections:
 
 - ``model``: forward and train step (MSE loss, AdamW) of the network alone, at the sizes of
   ``SIZES`` (``toy``: the embedded default's DiT and batch; ``mid``: the issue-12 size, 6 layers
@@ -10,7 +10,11 @@ name table and the layout transforms are the ones real checkpoints go through. S
   Wan2.1-1.3B widths with 2 layers and a small video). Ours runs ``jax.jit`` programs compiled
   ahead of time (``scan_layers=True``, ``remat_policy='none'``, ``xla`` attention, fp32); torch
   runs eager fp32 (``inference_mode`` for the forward; ``AdamW(foreach=True)``). Both sides'
-  outputs and first losses are compared numerically.
+  outputs and first losses are compared numerically. Each library runs in fresh processes of
+  its own (``--rounds`` each, alternating), since in one process each slows the other down. The
+  *matmul floor* is the section's matrix-multiplication FLOPs (``model_flops``; a train step
+  counted as three forwards) at the rate of one 2048x2048 fp32 matmul measured on this machine:
+  no implementation of the same math runs faster than that.
 - ``stages``: the trainer's compiled step of each toy stage (``teacher``, ``flow_map``,
   ``on_policy`` with its critic step, ``consistency``), built through
   ``training.loop.build_run``/``compile_steps`` from a random toy teacher checkpoint (ours only:
@@ -19,8 +23,9 @@ name table and the layout transforms are the ones real checkpoints go through. S
   ``sampling.sample`` against the same jumps ``z <- z - (t - r) u(z, t, r)`` on the same grid
   with the diffusers model carrying AnyFlow's two-time embedder (``interop.reference``).
 
-Timing: one warm-up call, then ``--repeats`` timed calls per measurement, torch and jax
-interleaved call by call (so load from other processes hits both); medians are reported. The
+Timing: one warm-up call, then ``--repeats`` timed calls per measurement; in the stages and
+sampling sections torch and jax calls are interleaved call by call (so load from other processes
+hits both); medians are reported. The
 ratio is torch time / ours (> 1: we are faster); videos/s ratios are ours / torch.
 
 Usage::
@@ -104,45 +109,80 @@ def _params_count(tree) -> int:
 
 
 # ------------------------------------------------------------------------------------ model
-def bench_model(name: str, repeats: int, workdir: str, seed: int = 0) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import optax
-    import torch
+# The model section runs each library in processes of its own (``--worker torch|jax``): in one
+# process the two interfere. Measured at the ``mid`` size on a quiet machine (docs/benchmarks.md):
+# our train step took 2.95-3.06 s in a fresh process and 4.1-5.9 s once PyTorch's steps had run in
+# the same process (and stayed slower), with 2.4-5.9 s of kernel time per step spent faulting in
+# huge pages for XLA's 1.6 GB temporary buffer; PyTorch's own step went from 2.45 s to 3.2 s
+# after ours had run.
 
-    from anyflow_jax.checkpoints.diffusers import load_transformer
-    from anyflow_jax.interop import reference
-
+def _model_inputs(name: str, seed: int = 0) -> dict:
     size = SIZES[name]
-    cfg = dict(size["config"])
+    cfg = size["config"]
     f, h, w = size["video"]
     b, c, lt = size["batch"], cfg["in_channels"], size["text_len"]
-    tm = reference.random_diffusers_model(seed=seed, scale=0.02 if cfg["text_dim"] > 1000 else 0.1, **cfg)
-    path = os.path.join(workdir, f"model_{name}")
-    tm.save_pretrained(path, safe_serialization=True)
-    model, params = load_transformer(path, model_kwargs=dict(scan_layers=True, remat_policy="none",
-                                                             attention_impl="xla"))
-
     rng = np.random.RandomState(seed)
-    x = rng.randn(b, f, h, w, c).astype(np.float32)
-    target = rng.randn(b, f, h, w, c).astype(np.float32)
-    tau = rng.rand(b).astype(np.float32)
-    ctx = rng.randn(b, lt, cfg["text_dim"]).astype(np.float32)
+    return dict(x=rng.randn(b, f, h, w, c).astype(np.float32), target=rng.randn(b, f, h, w, c).astype(np.float32),
+                tau=rng.rand(b).astype(np.float32), ctx=rng.randn(b, lt, cfg["text_dim"]).astype(np.float32))
 
-    # torch: channels-first latents, one timestep per sample (the Wan2.1 T2V path, the fastest)
-    tx_ = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
-    ttarget = torch.from_numpy(target).permute(0, 4, 1, 2, 3).contiguous()
-    tt = torch.from_numpy(tau * 1000.0)
-    tctx = torch.from_numpy(ctx)
+
+def model_flops(name: str) -> float:
+    """Matrix-multiplication FLOPs of one forward of the ``SIZES[name]`` network at its batch
+    (2 per multiply-add; the linear layers, self- and cross-attention's ``q k^T`` and ``p v``, the
+    patch embedding, the text projection, the per-frame time embedding and modulation, the output
+    head; elementwise work not counted)."""
+    size = SIZES[name]
+    cfg = size["config"]
+    f, h, w = size["video"]
+    pt, ph, pw = cfg["patch_size"]
+    b, lt = size["batch"], size["text_len"]
+    heads, hd, ffn, layers = cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
+    d = heads * hd
+    lv = _tokens(size)
+    tok, txt = b * lv, b * lt
+    patch = pt * ph * pw
+    macs = tok * cfg["in_channels"] * patch * d + tok * d * cfg["out_channels"] * patch  # patch embed, head
+    macs += txt * (cfg["text_dim"] * d + d * d)  # text projection (two linears)
+    macs += b * f * (cfg["freq_dim"] * d + d * d + d * 6 * d)  # time embedding and modulation, per frame
+    per_layer = tok * (4 * d * d + 2 * d * d + 2 * d * ffn)  # self q k v o, cross q o, FFN
+    per_layer += txt * 2 * d * d  # cross k v on the text tokens
+    per_layer += b * heads * (2 * lv * lv * hd + 2 * lv * lt * hd)  # self and cross attention
+    return 2.0 * (macs + layers * per_layer)
+
+
+def _matmul_rate(n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of one jitted fp32 ``n x n`` matmul on this machine (the roofline's denominator)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.asarray(np.random.RandomState(1).randn(n, n).astype(np.float32))
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def _torch_worker(name: str, path: str, inputs: dict, repeats: int) -> dict:
+    import torch
+    from diffusers import WanTransformer3DModel
+    tm = WanTransformer3DModel.from_pretrained(path).float()
+    # channels-first latents, one timestep per sample (the Wan2.1 T2V path, the fastest)
+    tx_ = torch.from_numpy(inputs["x"]).permute(0, 4, 1, 2, 3).contiguous()
+    ttarget = torch.from_numpy(inputs["target"]).permute(0, 4, 1, 2, 3).contiguous()
+    tt = torch.from_numpy(inputs["tau"] * 1000.0)
+    tctx = torch.from_numpy(inputs["ctx"])
     topt = torch.optim.AdamW(tm.parameters(), lr=OPTIM["lr"], betas=(OPTIM["b1"], OPTIM["b2"]), eps=OPTIM["eps"],
                              weight_decay=OPTIM["weight_decay"], foreach=True)
 
-    def torch_forward():
+    def forward():
         tm.eval()
         with torch.inference_mode():
             return tm(tx_, tt, tctx, return_dict=False)[0]
 
-    def torch_step():
+    def step():
         tm.train()
         topt.zero_grad(set_to_none=True)
         out = tm(tx_, tt, tctx, return_dict=False)[0]
@@ -151,9 +191,24 @@ def bench_model(name: str, repeats: int, workdir: str, seed: int = 0) -> dict:
         topt.step()
         return float(loss.detach())
 
-    # ours: same data, per-frame times (all frames of a video share tau)
-    jx, jtarget, jctx = jnp.asarray(x), jnp.asarray(target), jnp.asarray(ctx)
-    jt = jnp.asarray(np.repeat(tau[:, None], f, axis=1))
+    out = forward().permute(0, 2, 3, 4, 1).numpy()
+    losses = [step(), step()]  # also the step's warm-up
+    forward()  # warm-up
+    times = _interleaved({"forward": forward, "train_step": step}, repeats)
+    return dict(times=times, losses=losses, output=out, threads=torch.get_num_threads())
+
+
+def _jax_worker(name: str, path: str, inputs: dict, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from anyflow_jax.checkpoints.diffusers import load_transformer
+    model, params = load_transformer(path, model_kwargs=dict(scan_layers=True, remat_policy="none",
+                                                             attention_impl="xla"))
+    f = SIZES[name]["video"][0]
+    jx, jtarget, jctx = jnp.asarray(inputs["x"]), jnp.asarray(inputs["target"]), jnp.asarray(inputs["ctx"])
+    jt = jnp.asarray(np.repeat(inputs["tau"][:, None], f, axis=1))  # per-frame times, all frames share tau
     tx = optax.adamw(OPTIM["lr"], b1=OPTIM["b1"], b2=OPTIM["b2"], eps=OPTIM["eps"],
                      weight_decay=OPTIM["weight_decay"])
     opt_state = tx.init(params)
@@ -173,36 +228,90 @@ def bench_model(name: str, repeats: int, workdir: str, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     jstep = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, jx, jt, jctx, jtarget).compile()
     step_compile = time.perf_counter() - t0
-
-    # numerics: the same forward, the same first two losses (gradients and AdamW agree)
-    ref_out = torch_forward().permute(0, 2, 3, 4, 1).numpy()
-    our_out = np.asarray(fwd(params, jx, jt, jctx))
-    fwd_err = float(np.abs(ref_out - our_out).max())
-    fwd_scale = float(np.abs(ref_out).max())
+    out = np.asarray(fwd(params, jx, jt, jctx))
     state = {"p": params, "o": opt_state}
 
-    def jax_step():
+    def train_step():
         state["p"], state["o"], loss = jstep(state["p"], state["o"], jx, jt, jctx, jtarget)
         return float(loss)  # blocks
 
-    torch_losses = [torch_step(), torch_step()]
-    our_losses = [jax_step(), jax_step()]
-
-    def jax_forward():
+    def forward():
         jax.block_until_ready(fwd(state["p"], jx, jt, jctx))
 
-    times = _interleaved({"torch_forward": torch_forward, "jax_forward": jax_forward,
-                          "torch_step": torch_step, "jax_step": jax_step}, repeats)
-    out = dict(size=name, config=cfg, batch=b, latents=[b, f, h, w, c], tokens=_tokens(size), text_tokens=lt,
-               params=_params_count(params), repeats=repeats,
-               forward=dict(torch_s=_median(times["torch_forward"]), jax_s=_median(times["jax_forward"]),
-                            compile_s=fwd_compile, torch_all=times["torch_forward"], jax_all=times["jax_forward"]),
-               train_step=dict(torch_s=_median(times["torch_step"]), jax_s=_median(times["jax_step"]),
-                               compile_s=step_compile, torch_all=times["torch_step"], jax_all=times["jax_step"]),
-               check=dict(forward_max_abs_err=fwd_err, forward_max_abs=fwd_scale, torch_losses=torch_losses,
-                          jax_losses=our_losses))
+    losses = [train_step(), train_step()]  # also the step's warm-up
+    forward()  # warm-up
+    times = _interleaved({"forward": forward, "train_step": train_step}, repeats)
+    return dict(times=times, losses=losses, output=out, compile_s=dict(forward=fwd_compile, train_step=step_compile),
+                matmul_flops_per_s=_matmul_rate(), params=_params_count(params))
+
+
+def _worker_main(side: str, name: str, workdir: str, repeats: int, out_path: str) -> None:
+    """One library's measurements in this process: reads the shared weights and inputs from
+    ``workdir``, writes timings and losses (JSON) and the forward's output (``.npy``)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    path = os.path.join(workdir, f"model_{name}")
+    with np.load(os.path.join(workdir, f"inputs_{name}.npz")) as z:
+        inputs = {k: z[k] for k in z.files}
+    res = (_torch_worker if side == "torch" else _jax_worker)(name, path, inputs, repeats)
+    np.save(out_path + ".npy", res.pop("output"))
+    with open(out_path, "w") as fh:
+        json.dump(res, fh)
+
+
+def _run_worker(side: str, name: str, workdir: str, repeats: int, tag: str) -> dict:
+    import subprocess
+    out = os.path.join(workdir, f"{side}_{name}_{tag}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--sizes", name, "--workdir", workdir,
+           "--repeats", str(repeats), "--json", out]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the {side} worker for size {name} failed (exit {proc.returncode}):\n"
+                         + proc.stdout[-4000:])
+    with open(out) as fh:
+        res = json.load(fh)
+    res["output"] = np.load(out + ".npy")
+    return res
+
+
+def bench_model(name: str, repeats: int, workdir: str, seed: int = 0, rounds: int = 2) -> dict:
+    """Forward and train step of both libraries at ``SIZES[name]``, each library in ``rounds``
+    fresh processes of its own, run one after another and alternating (torch, jax, jax, torch,
+    ...), ``repeats`` timed calls in each after its warm-up; medians over all the timed calls."""
+    from anyflow_jax.interop import reference
+
+    cfg = dict(SIZES[name]["config"])
+    tm = reference.random_diffusers_model(seed=seed, scale=0.02 if cfg["text_dim"] > 1000 else 0.1, **cfg)
+    tm.save_pretrained(os.path.join(workdir, f"model_{name}"), safe_serialization=True)
+    del tm
+    np.savez(os.path.join(workdir, f"inputs_{name}.npz"), **_model_inputs(name, seed))
+    sides = {"torch": [], "jax": []}
+    for r in range(rounds):
+        for side in (("torch", "jax") if r % 2 == 0 else ("jax", "torch")):
+            print(f"[benchmark]   {side} process {r + 1}/{rounds}", file=sys.stderr, flush=True)
+            sides[side].append(_run_worker(side, name, workdir, repeats, f"r{r}"))
+    t_runs, j_runs = sides["torch"], sides["jax"]
+    size = SIZES[name]
+    fwd_flops = model_flops(name)
+    rate = _median([run["matmul_flops_per_s"] for run in j_runs])
+    out = dict(size=name, config=cfg, batch=size["batch"], latents=[size["batch"], *size["video"], cfg["in_channels"]],
+               tokens=_tokens(size), text_tokens=size["text_len"], params=j_runs[0]["params"], repeats=repeats,
+               rounds=rounds, isolation="one process per library and round",
+               matmul_flops_per_s=rate, forward_matmul_flops=fwd_flops)
     for k in ("forward", "train_step"):
+        t_all = [x for run in t_runs for x in run["times"][k]]
+        j_all = [x for run in j_runs for x in run["times"][k]]
+        flops = fwd_flops * (1 if k == "forward" else 3)  # backward: two matmuls per forward matmul
+        out[k] = dict(torch_s=_median(t_all), jax_s=_median(j_all),
+                      compile_s=_median([run["compile_s"][k] for run in j_runs]),
+                      torch_all=t_all, jax_all=j_all, torch_by_process=[run["times"][k] for run in t_runs],
+                      jax_by_process=[run["times"][k] for run in j_runs], matmul_flops=flops,
+                      floor_s=flops / rate)
         out[k]["ratio"] = out[k]["torch_s"] / out[k]["jax_s"]
+    ref_out = t_runs[0]["output"]  # channels-last already
+    out["check"] = dict(forward_max_abs_err=float(np.abs(ref_out - j_runs[0]["output"]).max()),
+                        forward_max_abs=float(np.abs(ref_out).max()), torch_losses=t_runs[0]["losses"],
+                        jax_losses=j_runs[0]["losses"], torch_threads=t_runs[0]["threads"])
     return out
 
 
@@ -348,8 +457,8 @@ def markdown(results: dict) -> str:
     models = results.get("model", [])
     if models:
         lines += ["| size | params | tokens/video (B) | | PyTorch (s) | anyflow-jax (s) | ratio (torch / ours) "
-                  "| our compile (s) | check |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| our compile (s) | matmul floor (s) | check |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for m in models:
             chk = m["check"]
             for k, label in (("forward", "forward"), ("train_step", "train step (MSE, AdamW)")):
@@ -361,7 +470,7 @@ def markdown(results: dict) -> str:
                                                        zip(chk["torch_losses"], chk["jax_losses"]))
                 lines.append(f"| {m['size']} | {m['params'] / 1e6:.1f}M | {m['tokens']} ({m['batch']}) | {label} "
                              f"| {r['torch_s']:.3f} | {r['jax_s']:.3f} | **{r['ratio']:.2f}x** | {r['compile_s']:.1f} "
-                             f"| {check} |")
+                             f"| {r['floor_s']:.3f} | {check} |")
         lines.append("")
     stages = results.get("stages", [])
     if stages:
@@ -401,26 +510,35 @@ def main(argv=None) -> dict:
     ap.add_argument("--sample-steps", default=",".join(map(str, SAMPLE_STEPS)), help="step counts to sample with")
     ap.add_argument("--sample-batch", type=int, default=16, help="videos per sampling call")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="model section: fresh processes per library, run alternating (each does --repeats calls)")
     ap.add_argument("--json", default=None, help="write all results (with every timing) here")
     ap.add_argument("--markdown", default=None, help="write the markdown table here")
+    ap.add_argument("--worker", choices=("torch", "jax"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:  # one library's model measurements, in a process of its own (bench_model)
+        _worker_main(args.worker, args.sizes, args.workdir, args.repeats, args.json)
+        return {}
     sections = _csv(args.sections, SECTIONS, "sections")
     sizes = _csv(args.sizes, SIZES, "sizes")
     stages = _csv(args.stages, STAGES, "stages")
     sample_steps = [int(s) for s in args.sample_steps.split(",") if s.strip()]
     if args.repeats < 1:
         raise SystemExit("error: --repeats must be >= 1")
+    if args.rounds < 1:
+        raise SystemExit("error: --rounds must be >= 1")
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logging.getLogger("absl").setLevel(logging.WARNING)
     results: dict = {"environment": environment(), "command": "python tools/benchmark.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "settings": dict(repeats=args.repeats, optimizer=OPTIM)}
+        argv if argv is not None else sys.argv[1:]), "settings": dict(repeats=args.repeats, rounds=args.rounds, optimizer=OPTIM)}
     with tempfile.TemporaryDirectory(prefix="anyflow_bench_") as workdir:
         if "model" in sections:
             results["model"] = []
             for name in sizes:
                 print(f"[benchmark] model {name} ...", file=sys.stderr, flush=True)
-                results["model"].append(bench_model(name, args.repeats, workdir))
+                results["model"].append(bench_model(name, args.repeats, workdir, rounds=args.rounds))
         if "stages" in sections:
             results["stages"] = []
             for stage in stages:
@@ -443,4 +561,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from anyflow_jax.cli import hugepage_malloc
+    hugepage_malloc()  # as the entry points do: both libraries' workers inherit it (docs/results.md)
     main()
