@@ -64,6 +64,46 @@ def test_samples_on_schedule_equal_the_saved_ema_weights_samples(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_step_saved_by_a_stop_signal_is_evaluated_when_the_run_resumes(tmp_path, monkeypatch):
+    """SIGTERM during step 4 (an evaluation step): the step is saved without its evaluation, and the
+    resumed run evaluates it first, so the run's evaluations and records are an uninterrupted run's."""
+    import signal
+
+    from anyflow_jax.errors import Preempted
+    from anyflow_jax.training import writers
+    ref, wd = str(tmp_path / "ref"), str(tmp_path / "run")
+    cfg = _eval_cfg(train_steps=6, every=4, steps=[1])  # evaluations at 4 and 6
+    loop.train(cfg, ref)
+    write = writers.JsonlWriter.write_scalars
+
+    def signal_after_step_3(self, step, scalars):
+        write(self, step, scalars)
+        if step == 3:
+            signal.raise_signal(signal.SIGTERM)  # handled by the loop at the end of step 4
+
+    monkeypatch.setattr(writers.JsonlWriter, "write_scalars", signal_after_step_3)
+    with pytest.raises(Preempted):
+        loop.train(cfg, wd)
+    monkeypatch.undo()
+    assert "eval/seconds" not in {r["step"]: r for r in _records(wd)}[4]
+    assert not os.path.exists(os.path.join(wd, E.EVAL_DIR))
+    loop.train(cfg, wd)
+    assert sorted(os.listdir(os.path.join(wd, E.EVAL_DIR))) == ["step_00000004", "step_00000006"]
+    for step in (4, 6):
+        with np.load(os.path.join(E.step_dir(ref, step), E.SAMPLES_FILE)) as a, \
+                np.load(os.path.join(E.step_dir(wd, step), E.SAMPLES_FILE)) as b:
+            np.testing.assert_array_equal(a["steps1"], b["steps1"])
+    recs = _records(wd)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]  # step 4's record once, with its evaluation
+    assert recs[3]["loss"] == _records(ref)[3]["loss"] and recs[3]["eval/seconds"] > 0
+    # a resume from a step whose evaluation was logged does not evaluate it again
+    cfg.train.steps = 8
+    loop.train(cfg, wd)
+    assert [r["step"] for r in _records(wd)] == list(range(1, 9))
+    assert "eval/seconds" in _records(wd)[3] and "eval/seconds" in _records(wd)[7]
+
+
+@pytest.mark.slow
 def test_a_failing_evaluator_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
     def broken(self, step, state):
         raise RuntimeError("disk full")

@@ -868,6 +868,8 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
     sig = signals or StopSignals()
     if sig.received:  # stopped while compiling: nothing new to save
         raise Preempted(step, sig.received, run.workdir)
+    if step > 0 and evaluators is not None and evaluators.due(step):
+        _evaluate_skipped_step(run, step, view(state), evaluators)
     t_evaluated = time.perf_counter()
     with jax.set_mesh(run.mesh):
         while step < total:
@@ -916,6 +918,24 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
                 run.ckpt.wait()
                 raise Preempted(step, stop, run.workdir)
     return last
+
+
+def _evaluate_skipped_step(run: Run, step: int, state, evaluators) -> None:
+    """A stop signal at an evaluation step saves that step without evaluating it (to exit within the
+    scheduler's grace period); the resumed run evaluates it first, so that its evaluations are those
+    of an uninterrupted run. Process 0 reads ``metrics.jsonl`` (an evaluation logs ``eval/seconds``)
+    and tells the others; the evaluation's scalars join the step's record."""
+    pending = jax.process_index() != 0 or "eval/seconds" not in writers_lib.records_at(run.workdir, step)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        pending = bool(multihost_utils.broadcast_one_to_all(np.int32(pending)))
+    if not pending:
+        return
+    log.info("step %d was saved without its evaluation (the run stopped there): evaluating it now", step)
+    with jax.set_mesh(run.mesh):
+        evaluated = evaluators(step, state, 0.0)
+    if jax.process_index() == 0:
+        run.writer.write_scalars(step, {**writers_lib.pop_records_at(run.workdir, step), **evaluated})
 
 
 def _write_parameter_table(run: Run, state: TrainState, frozen=None) -> None:

@@ -151,6 +151,48 @@ def drop_records_after(workdir, step: int) -> int:
     return dropped
 
 
+def records_at(workdir, step: int) -> dict[str, Any]:
+    """The scalars of every record of ``step`` in ``<workdir>/metrics.jsonl``, merged (later
+    records win; ``{}`` when there is none)."""
+    path = os.path.join(os.fspath(workdir), METRICS_FILE)
+    merged: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                    if int(record["step"]) == int(step):
+                        merged.update({k: v for k, v in record.items() if k != "step"})
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return merged
+
+
+def pop_records_at(workdir, step: int) -> dict[str, Any]:
+    """Remove the records of ``step`` from ``<workdir>/metrics.jsonl`` and return their scalars
+    merged (later records win; ``{}`` when there is none). The file is rewritten atomically."""
+    path = os.path.join(os.fspath(workdir), METRICS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    keep, merged = [], {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+                at = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                keep.append(line if line.endswith("\n") else line + "\n")
+                continue
+            if at == int(step):
+                merged.update({k: v for k, v in record.items() if k != "step"})
+            else:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if merged:
+        from anyflow_jax import fileio
+        fileio.atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+    return merged
+
+
 class MultiWriter(NullWriter):
     """Forwards every call to each writer (CLU writers included)."""
 
