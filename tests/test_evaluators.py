@@ -101,6 +101,24 @@ def test_a_step_saved_by_a_stop_signal_is_evaluated_when_the_run_resumes(tmp_pat
     loop.train(cfg, wd)
     assert [r["step"] for r in _records(wd)] == list(range(1, 9))
     assert "eval/seconds" in _records(wd)[3] and "eval/seconds" in _records(wd)[7]
+    assert loop.train(cfg, wd) == {"step": 8, "already_done": True}
+    # stopped at the last step: the rerun has no step left to train but still owes its evaluation
+    cfg.train.steps = 10
+
+    def signal_after_step_9(self, step, scalars):
+        write(self, step, scalars)
+        if step == 9:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(writers.JsonlWriter, "write_scalars", signal_after_step_9)
+    with pytest.raises(Preempted):
+        loop.train(cfg, wd)
+    monkeypatch.undo()
+    assert not os.path.exists(E.step_dir(wd, 10))
+    last = loop.train(cfg, wd)
+    assert last["step"] == 10 and last["loss"] == _records(wd)[9]["loss"] and last["eval/seconds"] > 0
+    assert os.path.isdir(E.step_dir(wd, 10)) and [r["step"] for r in _records(wd)] == list(range(1, 11))
+    assert loop.train(cfg, wd) == {"step": 10, "already_done": True}
 
 
 @pytest.mark.slow

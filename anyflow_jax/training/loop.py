@@ -599,7 +599,9 @@ def _build_run(cfg: RunConfig, config, workdir: str, ckpt: RunCheckpointer) -> R
             raise RunError(f"incompatible checkpoint: workdir {workdir} holds a {resume_meta.get('stage')!r} run, "
                            f"config.stage is {cfg.stage!r}")
         _check_architecture(cfg, resume_meta.get("model", {}), "the workdir's run")
-    if latest is not None and latest >= cfg.train.steps:
+    # a run stopped by a signal at its last step still owes that step's evaluation: built in full
+    if latest is not None and latest >= cfg.train.steps and not (
+            latest == cfg.train.steps and _evaluation_missing(cfg, workdir, latest)):
         return Run(cfg=cfg, record=record, workdir=workdir, mesh=None, nets=None, spec=None, state_shardings=None,
                    teacher_shardings=None, replicated=None, ckpt=ckpt, writer=writers_lib.NullWriter(),
                    data_iterator=None, negative=None, latest_step=latest)
@@ -869,7 +871,9 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
     if sig.received:  # stopped while compiling: nothing new to save
         raise Preempted(step, sig.received, run.workdir)
     if step > 0 and evaluators is not None and evaluators.due(step):
-        _evaluate_skipped_step(run, step, view(state), evaluators)
+        record = _evaluate_skipped_step(run, step, view(state), evaluators)
+        if record:
+            last = dict(record, step=step)
     t_evaluated = time.perf_counter()
     with jax.set_mesh(run.mesh):
         while step < total:
@@ -920,22 +924,34 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
     return last
 
 
-def _evaluate_skipped_step(run: Run, step: int, state, evaluators) -> None:
-    """A stop signal at an evaluation step saves that step without evaluating it (to exit within the
-    scheduler's grace period); the resumed run evaluates it first, so that its evaluations are those
-    of an uninterrupted run. Process 0 reads ``metrics.jsonl`` (an evaluation logs ``eval/seconds``)
-    and tells the others; the evaluation's scalars join the step's record."""
-    pending = jax.process_index() != 0 or "eval/seconds" not in writers_lib.records_at(run.workdir, step)
+def _evaluation_missing(cfg: RunConfig, workdir: str, step: int) -> bool:
+    """Whether ``step`` is due for the config's evaluators and ``<workdir>/metrics.jsonl`` has no
+    evaluation of it (an evaluation logs ``eval/seconds``). Process 0 reads the file and tells the
+    others."""
+    if not evaluators_lib.due(step, cfg.eval.every, cfg.train.steps):
+        return False
+    missing = jax.process_index() != 0 or "eval/seconds" not in writers_lib.records_at(workdir, step)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
-        pending = bool(multihost_utils.broadcast_one_to_all(np.int32(pending)))
-    if not pending:
-        return
+        missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    return missing
+
+
+def _evaluate_skipped_step(run: Run, step: int, state, evaluators) -> dict[str, Any]:
+    """A stop signal at an evaluation step saves that step without evaluating it (to exit within the
+    scheduler's grace period); the resumed run evaluates it first, so that its evaluations are those
+    of an uninterrupted run. The evaluation's scalars join the step's record, which is returned
+    (``{}`` when nothing was missing)."""
+    if not _evaluation_missing(run.cfg, run.workdir, step):
+        return {}
     log.info("step %d was saved without its evaluation (the run stopped there): evaluating it now", step)
     with jax.set_mesh(run.mesh):
         evaluated = evaluators(step, state, 0.0)
+    record = dict(evaluated)
     if jax.process_index() == 0:
-        run.writer.write_scalars(step, {**writers_lib.pop_records_at(run.workdir, step), **evaluated})
+        record = {**writers_lib.pop_records_at(run.workdir, step), **evaluated}
+        run.writer.write_scalars(step, record)
+    return record
 
 
 def _write_parameter_table(run: Run, state: TrainState, frozen=None) -> None:
@@ -963,7 +979,7 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str) -> dict[s
     SIGINT stopped the run."""
     run = build_run(config, workdir)
     try:
-        if run.latest_step is not None and run.latest_step >= run.cfg.train.steps:
+        if run.latest_step is not None and run.latest_step >= run.cfg.train.steps and run.mesh is None:
             log.info("nothing to do: %s is already at step %d of %d", run.workdir, run.latest_step,
                      run.cfg.train.steps)
             return {"step": run.latest_step, "already_done": True}
