@@ -870,8 +870,8 @@ def run_loop(run: Run, state: TrainState, compiled: CompiledSteps, frozen, first
     sig = signals or StopSignals()
     if sig.received:  # stopped while compiling: nothing new to save
         raise Preempted(step, sig.received, run.workdir)
-    if step > 0 and evaluators is not None and evaluators.due(step):
-        record = _evaluate_skipped_step(run, step, view(state), evaluators)
+    if step > 0 and evaluators is not None:  # a no-op unless the restored step's evaluation is missing
+        record = _evaluate_skipped_step(run, step, lambda: view(state), evaluators)
         if record:
             last = dict(record, step=step)
     t_evaluated = time.perf_counter()
@@ -937,16 +937,17 @@ def _evaluation_missing(cfg: RunConfig, workdir: str, step: int) -> bool:
     return missing
 
 
-def _evaluate_skipped_step(run: Run, step: int, state, evaluators) -> dict[str, Any]:
+def _evaluate_skipped_step(run: Run, step: int, evaluated_state, evaluators) -> dict[str, Any]:
     """A stop signal at an evaluation step saves that step without evaluating it (to exit within the
     scheduler's grace period); the resumed run evaluates it first, so that its evaluations are those
     of an uninterrupted run. The evaluation's scalars join the step's record, which is returned
-    (``{}`` when nothing was missing)."""
+    (``{}`` when nothing was missing). ``evaluated_state()``: the state the evaluators see, built
+    only when needed (a LoRA run merges its adapters)."""
     if not _evaluation_missing(run.cfg, run.workdir, step):
         return {}
     log.info("step %d was saved without its evaluation (the run stopped there): evaluating it now", step)
     with jax.set_mesh(run.mesh):
-        evaluated = evaluators(step, state, 0.0)
+        evaluated = evaluators(step, evaluated_state(), 0.0)
     record = dict(evaluated)
     if jax.process_index() == 0:
         record = {**writers_lib.pop_records_at(run.workdir, step), **evaluated}

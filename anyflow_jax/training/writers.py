@@ -125,28 +125,45 @@ class JsonlWriter(NullWriter):
             self._fh.close()
 
 
+def _read_records(workdir) -> tuple[str, list[tuple[str, int | None, dict]]]:
+    """``<workdir>/metrics.jsonl`` and its lines as ``(line ending in a newline, step, record)``;
+    ``step`` is None for a line that is not a record (a torn last line of a killed run)."""
+    path = os.path.join(os.fspath(workdir), METRICS_FILE)
+    rows = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                    at = int(record["step"])
+                except (ValueError, KeyError, TypeError):
+                    record, at = {}, None
+                rows.append((line if line.endswith("\n") else line + "\n", at, record))
+    return path, rows
+
+
+def _rewrite(path: str, lines) -> None:
+    from anyflow_jax import fileio
+    fileio.atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+
+
+def _merged(rows, step: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for _, at, record in rows:
+        if at == step:
+            out.update({k: v for k, v in record.items() if k != "step"})
+    return out
+
+
 def drop_records_after(workdir, step: int) -> int:
     """Remove the records of steps after ``step`` from ``<workdir>/metrics.jsonl`` (a resumed run
     logs them again); returns how many were dropped. The file is rewritten atomically; a torn
     last line (a killed run) is dropped too."""
-    path = os.path.join(os.fspath(workdir), METRICS_FILE)
-    if not os.path.isfile(path):
-        return 0
-    keep, dropped = [], 0
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-                ok = int(record["step"]) <= int(step)
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if ok:
-                keep.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
+    path, rows = _read_records(workdir)
+    keep = [line for line, at, _ in rows if at is not None and at <= int(step)]
+    dropped = len(rows) - len(keep)
     if dropped:
-        from anyflow_jax import fileio
-        fileio.atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+        _rewrite(path, keep)
         logger.info("dropped %d metric records after step %d from %s (they are logged again)", dropped, step, path)
     return dropped
 
@@ -154,42 +171,16 @@ def drop_records_after(workdir, step: int) -> int:
 def records_at(workdir, step: int) -> dict[str, Any]:
     """The scalars of every record of ``step`` in ``<workdir>/metrics.jsonl``, merged (later
     records win; ``{}`` when there is none)."""
-    path = os.path.join(os.fspath(workdir), METRICS_FILE)
-    merged: dict[str, Any] = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    record = json.loads(line)
-                    if int(record["step"]) == int(step):
-                        merged.update({k: v for k, v in record.items() if k != "step"})
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return merged
+    return _merged(_read_records(workdir)[1], int(step))
 
 
 def pop_records_at(workdir, step: int) -> dict[str, Any]:
     """Remove the records of ``step`` from ``<workdir>/metrics.jsonl`` and return their scalars
     merged (later records win; ``{}`` when there is none). The file is rewritten atomically."""
-    path = os.path.join(os.fspath(workdir), METRICS_FILE)
-    if not os.path.isfile(path):
-        return {}
-    keep, merged = [], {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-                at = int(record["step"])
-            except (ValueError, KeyError, TypeError):
-                keep.append(line if line.endswith("\n") else line + "\n")
-                continue
-            if at == int(step):
-                merged.update({k: v for k, v in record.items() if k != "step"})
-            else:
-                keep.append(line if line.endswith("\n") else line + "\n")
+    path, rows = _read_records(workdir)
+    merged = _merged(rows, int(step))
     if merged:
-        from anyflow_jax import fileio
-        fileio.atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+        _rewrite(path, [line for line, at, _ in rows if at != int(step)])
     return merged
 
 
